@@ -1,0 +1,1 @@
+"""hira: the HiRA family as a registered PEFT tuner."""
