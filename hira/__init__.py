@@ -1,1 +1,19 @@
-"""hira: the HiRA family as a registered PEFT tuner."""
+"""hira: the HiRA family (Hadamard High-Rank Adaptation) as a registered PEFT tuner.
+
+``import hira`` registers the tuner, then the usual PEFT API applies::
+
+    import hira
+    from peft import get_peft_model
+    model = get_peft_model(model, hira.HiraConfig(r=32, target_modules=["q_proj", "v_proj"]))
+"""
+
+from . import _peft_compat
+from .config import HiraConfig, HiraFamilyType
+from .functional import Factorization, LowRank, Term, hira_linear
+from .model import HiraModel
+
+
+_peft_compat.register(HiraConfig, HiraModel, HiraFamilyType.HIRA_FAMILY)
+
+__all__ = ["Factorization", "HiraConfig", "HiraFamilyType", "HiraModel", "LowRank", "Term", "hira_linear"]
+__version__ = "0.1.0"
