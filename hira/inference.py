@@ -1,0 +1,485 @@
+"""Shared machinery of the evaluators in ``eval/``: load a checkpoint, generate in batches, resume, record.
+
+``load_for_inference(ckpt)`` accepts
+
+* an adapter directory (``adapter_config.json``): the base model comes from the adapter config (``--base_model``
+  overrides it), the adapter is merged into the base weights before generating (HiRA merges exactly, so the merged
+  model runs at base-model speed) unless ``merge=False``;
+* a merged / full model directory or Hub id;
+* a packaged alias (``smollm2-135m``, ``tiny-llama``; see ``hira.models``) for the untuned baseline.
+
+``run_generation(...)`` generates completions for a list of items, longest prompts first (sorted batches waste little
+on padding), appends every finished batch to ``predictions.jsonl`` and skips items already there, so an interrupted
+run resumes where it stopped and ends with the same predictions (and metrics) as an uninterrupted one. Under
+``accelerate launch`` the pending items are split over processes and the new predictions gathered on the main one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hira.models import resolve_model
+
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _import_hira_tuner() -> None:
+    """Register the HiRA tuner with PEFT before any adapter is loaded (stock-PEFT HiRA adapters load either way)."""
+    import hira  # noqa: F401
+
+
+def _config_dict(path: str) -> dict | None:
+    cfg = os.path.join(path, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return json.load(f)
+    return None
+
+
+# architecture fields that must agree between the base model an adapter was trained on and the one it is loaded into
+_ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+
+
+def _check_same_base(adapter_dir: str, recorded: str, given: str) -> None:
+    """Raise when the adapter's recorded base model and the given one are different architectures (when both configs
+    can be read locally; otherwise the shape check at load time catches a mismatch)."""
+    rec_cfg, giv_cfg = _config_dict(resolve_model(recorded)), _config_dict(given)
+    if rec_cfg is None or giv_cfg is None:
+        return
+    diff = {k: (rec_cfg.get(k), giv_cfg.get(k)) for k in _ARCH_KEYS if rec_cfg.get(k) != giv_cfg.get(k)}
+    if diff:
+        details = ", ".join(f"{k}: adapter base {a!r} vs given {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"The adapter in {adapter_dir} was trained on {recorded!r}, a different model from the base model "
+            f"{given!r} ({details}). Pass the base model the adapter was made for with --base_model."
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: dict = field(default_factory=dict)  # what was loaded: recorded in metrics.json
+
+
+def load_tokenizer(path: str):
+    """Tokenizer for batched generation: left padding and a real pad token (never a newly added one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        # HiRA pads Llama-2 with UNK and Llama-3 with BOS; UNK when the vocabulary has one, else EOS
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    if tok.pad_token is None:
+        raise ValueError(f"The tokenizer of {path} has no pad, unk or eos token to pad batches with.")
+    return tok
+
+
+def load_for_inference(
+    ckpt: str,
+    base_model: str | None = None,
+    merge: bool = True,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+) -> LoadedModel:
+    """Load an adapter directory, a merged model or a base model for generation (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model(ckpt)
+    looks_local = os.sep in ckpt or ckpt.startswith(".") or os.path.exists(resolved)
+    if looks_local and not os.path.exists(resolved):
+        raise FileNotFoundError(
+            f"Checkpoint {ckpt!r} does not exist. Pass --ckpt an adapter directory (with adapter_config.json), a merged "
+            "model directory, a Hub model id, or a packaged alias (smollm2-135m, tiny-llama)."
+        )
+    if os.path.isdir(resolved) and not (
+        os.path.isfile(os.path.join(resolved, "adapter_config.json"))
+        or os.path.isfile(os.path.join(resolved, "config.json"))
+    ):
+        raise FileNotFoundError(
+            f"{resolved} holds neither adapter_config.json (a PEFT adapter) nor config.json (a model). Point --ckpt at "
+            "the checkpoint folder itself, e.g. out/commonsense/checkpoint-best."
+        )
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device
+
+    adapter_cfg_path = os.path.join(resolved, "adapter_config.json")
+    info: dict = {"ckpt": ckpt}
+    if os.path.isfile(adapter_cfg_path):
+        _import_hira_tuner()
+        from peft import PeftModel
+
+        with open(adapter_cfg_path) as f:
+            adapter_cfg = json.load(f)
+        recorded = adapter_cfg.get("base_model_name_or_path")
+        base = base_model or recorded
+        if not base:
+            raise ValueError(f"{adapter_cfg_path} names no base model; pass it with --base_model.")
+        base_path = resolve_model(base)
+        if base_model and recorded:
+            _check_same_base(resolved, recorded, base_path)
+        model = _load_model(AutoModelForCausalLM, base_path, dtype)
+        try:
+            model = PeftModel.from_pretrained(model, resolved)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"The adapter in {resolved} does not fit the base model {base!r}: it was made for another base model "
+                f"(adapter config says {recorded!r}). Pass the right one with --base_model. Original error: {err}"
+            ) from err
+        info.update(adapter=resolved, base_model=base, peft_type=str(adapter_cfg.get("peft_type")),
+                    adapter_r=adapter_cfg.get("r"), merged=merge)
+        if merge:
+            model = model.merge_and_unload()
+        tok_path = resolved if os.path.isfile(os.path.join(resolved, "tokenizer_config.json")) else base_path
+    else:
+        model = _load_model(AutoModelForCausalLM, resolved, dtype)
+        info.update(adapter=None, base_model=ckpt, merged=None)
+        tok_path = resolved
+    model.to(device).eval()
+    info["dtype"] = str(next(model.parameters()).dtype)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(tok_path), info=info)
+
+
+def _load_model(auto_cls, path: str, dtype):
+    try:
+        return auto_cls.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"Could not load model {path!r}: {err}. Offline, pass a local directory or a packaged alias "
+            "(smollm2-135m, tiny-llama)."
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodingConfig:
+    num_beams: int = 4  # paper: 4 beams, do_sample off; 1 = greedy
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop_strings: tuple[str, ...] = ()  # the completion is cut at the first of these (and generation stops there)
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kw = dict(
+            do_sample=False,
+            num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            # neutralise sampling knobs a checkpoint's generation_config may carry (they would only warn)
+            temperature=None, top_p=None, top_k=None,
+        )
+        if self.num_beams > 1:
+            kw["length_penalty"] = self.length_penalty
+        if self.no_repeat_ngram_size:
+            kw["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.stop_strings:
+            kw.update(stop_strings=list(self.stop_strings), tokenizer=tokenizer)
+        return kw
+
+
+def cut_at(text: str, markers: Sequence[str]) -> str:
+    """Cut ``text`` at the first occurrence of any marker."""
+    for m in markers:
+        i = text.find(m)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: Sequence[str], decoding: DecodingConfig) -> list[str]:
+    """Generate for one batch of prompts; returns only the new text (special tokens skipped), cut at stop strings."""
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+    out = model.generate(**enc, **decoding.generate_kwargs(tokenizer))
+    new = out[:, enc["input_ids"].shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [cut_at(t, decoding.stop_strings) for t in texts]
+
+
+def sort_by_length(prompts: Sequence[str], tokenizer) -> list[int]:
+    """Indices ordered longest prompt first, so each batch holds prompts of similar length (little padding) and an
+    out-of-memory error shows up on the first batch rather than the last."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    return sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resumable prediction files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_predictions(out_dir: str) -> dict[str, dict]:
+    """Finished predictions by id, from ``predictions.jsonl`` and any per-process files a multi-process run left.
+    A line cut short by a crash is ignored (that item is generated again)."""
+    done: dict[str, dict] = {}
+    if not os.path.isdir(out_dir):
+        return done
+    names = [PREDICTIONS_FILE] + sorted(n for n in os.listdir(out_dir) if n.startswith("predictions.rank"))
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[rec["id"]] = rec
+    return done
+
+
+def _append(path: str, records: Sequence[dict]) -> None:
+    with open(path, "a") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_run_config(out_dir: str, run_config: dict, overwrite: bool = False) -> None:
+    """Refuse to resume into a folder whose predictions came from another model, data or decoding setup."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, RUN_CONFIG_FILE)
+    if overwrite:
+        for name in os.listdir(out_dir):
+            if name.startswith("predictions") or name in (METRICS_FILE, RUN_CONFIG_FILE):
+                os.remove(os.path.join(out_dir, name))
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != json.loads(json.dumps(run_config)):
+            changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
+            raise ValueError(
+                f"{out_dir} already holds predictions from a different run (changed: {changed}). Use another --out "
+                "folder, or --overwrite to discard the old predictions."
+            )
+    else:
+        with open(path, "w") as f:
+            json.dump(run_config, f, indent=2)
+
+
+def run_generation(
+    items: Sequence[dict],
+    loaded: LoadedModel,
+    decoding: DecodingConfig,
+    out_dir: str,
+    postprocess: Callable[[dict, str], dict] | None = None,
+    generate_fn: Callable[[Sequence[str]], list[str]] | None = None,
+    progress_desc: str = "generating",
+) -> list[dict]:
+    """Generate a completion for every item (``{"id", "prompt", ...}``) not yet in ``out_dir/predictions.jsonl``.
+
+    Each finished batch is appended at once (``{"id", "prediction", ...postprocess(item, text)}``). Returns all records
+    in the order of ``items`` (on the main process; other processes return ``[]``).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    os.makedirs(out_dir, exist_ok=True)
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("item ids must be unique")
+    done = read_predictions(out_dir)
+    pending = [it for it in items if it["id"] not in done]
+    if done and state.is_main_process:
+        logger.info("resuming: %d of %d predictions already in %s", len(items) - len(pending), len(items), out_dir)
+    generate_fn = generate_fn or (lambda p: generate_batch(loaded.model, loaded.tokenizer, p, decoding))
+
+    # the longest prompts first; processes take interleaved slices so each gets a similar length mix
+    order = sort_by_length([it["prompt"] for it in pending], loaded.tokenizer) if pending else []
+    ordered = [pending[i] for i in order]
+    n = state.num_processes
+    shards = [ordered[r::n] for r in range(n)]
+    path = os.path.join(out_dir, PREDICTIONS_FILE if n == 1 else f"predictions.rank{state.process_index}.jsonl")
+    with state.split_between_processes(shards) as mine:
+        mine = mine[0] if mine else []
+        new: list[dict] = []
+        bar = tqdm(total=len(mine), desc=progress_desc, disable=not state.is_local_main_process or not mine)
+        for start in range(0, len(mine), decoding.batch_size):
+            batch = mine[start:start + decoding.batch_size]
+            texts = generate_fn([it["prompt"] for it in batch])
+            records = []
+            for it, text in zip(batch, texts):
+                rec = {"id": it["id"], "prediction": text}
+                if postprocess is not None:
+                    rec.update(postprocess(it, text))
+                records.append(rec)
+            _append(path, records)
+            new.extend(records)
+            bar.update(len(batch))
+        bar.close()
+    if n > 1:
+        gathered = gather_object(new)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            # fold the per-process files into the single predictions file
+            _append(os.path.join(out_dir, PREDICTIONS_FILE), gathered)
+            for r in range(n):
+                rank_file = os.path.join(out_dir, f"predictions.rank{r}.jsonl")
+                if os.path.exists(rank_file):
+                    os.remove(rank_file)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return []
+    done = read_predictions(out_dir)
+    return [done[i] for i in ids]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optional vLLM backend (GPU only; merged models)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def vllm_generate_fn(model_dir: str, decoding: DecodingConfig) -> Callable[[Sequence[str]], list[str]]:
+    """Greedy generation with vLLM from a merged model folder; same prompts and the same cut at stop strings.
+    vLLM's beam search is a different API with different semantics, so only ``num_beams=1`` is offered."""
+    if not vllm_available():
+        raise RuntimeError("--backend vllm needs the `vllm` package and a CUDA GPU; use --backend hf.")
+    if decoding.num_beams != 1:
+        raise ValueError("--backend vllm supports greedy decoding only: pass --num_beams 1 (or use --backend hf).")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=decoding.max_new_tokens, stop=list(decoding.stop_strings) or None)
+
+    def fn(prompts: Sequence[str]) -> list[str]:
+        outs = llm.generate(list(prompts), params, use_tqdm=False)
+        return [cut_at(o.outputs[0].text, decoding.stop_strings) for o in outs]
+
+    return fn
+
+
+def merged_dir_for_vllm(loaded: LoadedModel, out_dir: str) -> str:
+    """vLLM loads from disk: save the merged model (adapter already merged by ``load_for_inference``) once."""
+    if loaded.info.get("adapter") is None:
+        return resolve_model(loaded.info["ckpt"])
+    if loaded.info.get("merged") is False:
+        raise ValueError("--backend vllm needs the adapter merged; drop --no_merge.")
+    path = os.path.join(out_dir, "merged_model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        loaded.model.save_pretrained(path)
+        loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "transformers", "peft", "accelerate", "trl", "datasets", "sacrebleu", "bert-score", "rouge-score",
+             "nltk", "vllm", "hira"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_revision() -> str | None:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def write_metrics(out_dir: str, metrics: dict, loaded_info: dict, decoding: DecodingConfig, extra: dict) -> dict:
+    """Write ``metrics.json``: the scores plus everything needed to reproduce them."""
+    summary = {
+        "metrics": metrics,
+        "model": loaded_info,
+        "decoding": asdict(decoding),
+        **extra,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+    }
+    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command-line options shared by the evaluators
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_common_args(parser, num_beams: int, max_new_tokens: int, batch_size: int = 8) -> None:
+    """Options every ``eval/*.py`` script takes (model, decoding, output); task defaults are passed in."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--ckpt", required=True,
+                   help="adapter dir (adapter_config.json), merged model dir, Hub id, or alias smollm2-135m / tiny-llama")
+    g.add_argument("--base_model", default=None, help="override the base model named in adapter_config.json")
+    g.add_argument("--no_merge", action="store_true", help="keep the adapter unmerged (slower; for debugging)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: optional, GPU only, greedy only")
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--num_beams", type=int, default=num_beams, help="beam count (1 = greedy); do_sample is always off")
+    g.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    g.add_argument("--batch_size", type=int, default=batch_size)
+    g = parser.add_argument_group("output")
+    g.add_argument("--max_examples", type=int, default=None, help="first N examples (per task where there are several)")
+    g.add_argument("--out", default=None, help="output folder (predictions.jsonl, metrics.json); resumed if it exists")
+    g.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
+
+
+def setup_from_args(args, decoding: DecodingConfig, out_dir: str) -> tuple[LoadedModel, Callable | None]:
+    """Load the model named by the common options; returns it and the generate function of the chosen backend."""
+    loaded = load_for_inference(args.ckpt, base_model=args.base_model, merge=not args.no_merge, dtype=args.dtype)
+    if args.backend == "vllm":
+        return loaded, vllm_generate_fn(merged_dir_for_vllm(loaded, out_dir), decoding)
+    return loaded, None
+
+
+def default_out_dir(task: str, ckpt: str) -> str:
+    name = os.path.basename(os.path.normpath(ckpt)) or "model"
+    return os.path.join("out", "eval", task, name)
