@@ -1,0 +1,526 @@
+"""Shared machinery of the training recipes in ``recipes/``.
+
+A recipe is a short script: one formatting function (raw record -> ``{"prompt", "completion"}`` built with
+:mod:`hira.prompts`) and a YAML holding the paper's setting. Everything the three recipes have in common lives here:
+
+* :class:`HiraArguments`: the method (``hira`` by default, the HiRA family variants, and the paper's baselines ``lora``,
+  ``dora``, ``prompt_tuning``, ``p_tuning``, ``full``) and the data options, parsed by ``TrlParser`` next to TRL's
+  ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig``;
+* :func:`build_peft_config`: the PEFT config for the method, at HiRA's parameter budget where the paper matches it;
+* :func:`load_raw_dataset` / :func:`format_dataset` / :func:`split_validation` / :func:`enforce_max_length`: data from a
+  Hub id or a local file/folder, a clear error for missing columns, the seeded 120-example validation split of the
+  HiRA authors, and an explicit, counted decision for examples that would not fit ``max_length``;
+* :class:`RunSummaryCallback`: trainable parameters, tokens/s, peak memory and wall time written next to the checkpoint;
+* :func:`run_recipe`: the body every recipe's ``main`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+
+logger = logging.getLogger("hira.recipe")
+
+METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full")
+# The paper adapts q, k, v, up and down projections (no o_proj, no gate_proj): protocols.md §A.3.
+PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+# Learning rates the references use per method (logged as a hint when the YAML's lr is kept for another method).
+SUGGESTED_LR = {"hira": 1e-3, "lora": 3e-4, "dora": 1e-4, "prompt_tuning": 3e-2, "p_tuning": 1e-3, "full": 2e-5}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HiraArguments:
+    """Method and data options shared by every recipe (the ``hira_`` prefix keeps them apart from TRL's fields).
+
+    ``hira_r`` and ``hira_target_modules`` are the rank and targets of *every* low-rank method (hira, lora, dora), so a
+    method switch keeps the parameter budget: LoRA at rank r has exactly HiRA's r·(in+out) per adapted layer; DoRA adds
+    one magnitude vector per layer. ``ModelConfig``'s ``lora_alpha``, ``lora_dropout`` and ``use_rslora`` configure the
+    LoRA/DoRA baselines; its ``use_peft``, ``lora_r``, ``lora_target_modules`` and ``use_dora`` are not used.
+    """
+
+    method: str = field(
+        default="hira",
+        metadata={"help": f"Fine-tuning method, one of {METHODS}. HiRA family variants: `hira` + `hira_variant`."},
+    )
+    hira_r: int = field(default=32, metadata={"help": "Rank of the HiRA (and LoRA/DoRA baseline) factors."})
+    hira_target_modules: list[str] = field(
+        default_factory=lambda: list(PAPER_TARGET_MODULES),
+        metadata={"help": "Module names to adapt (suffix match), e.g. q_proj k_proj v_proj up_proj down_proj."},
+    )
+    hira_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input (HiRA and LoRA/DoRA)."})
+    hira_variant: str | None = field(
+        default=None,
+        metadata={"help": "HiRA family variant (e.g. hilora, bhra, sb), passed to `hira.HiraConfig(variant=...)`."},
+    )
+    hira_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra `HiraConfig` fields as a JSON object (YAML: a mapping), e.g. '{\"modulator\": \"random\"}'. "
+            "Passed through unchanged, so a new variant option needs no recipe change."
+        },
+    )
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "Virtual tokens for prompt_tuning / p_tuning (not budget-matched; see docs)."}
+    )
+    encoder_hidden_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of p_tuning's prompt encoder MLP (default: the model's)."}
+    )
+    train_on_inputs: bool = field(
+        default=False,
+        metadata={"help": "Also compute the loss on the prompt (LLM-Adapters default). False = response-only loss."},
+    )
+    val_size: int = field(
+        default=120, metadata={"help": "Validation examples carved from the training data (0 = no validation)."}
+    )
+    val_split_seed: int = field(
+        default=58,
+        metadata={"help": "Seed of the validation split (58 reproduces the HiRA authors' commonsense_170k split)."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training examples after the split (smoke runs)."}
+    )
+    overlength: str = field(
+        default="drop",
+        metadata={
+            "help": "What to do with examples longer than `max_length` (never truncated silently): "
+            "`drop` (counted and logged) or `error`."
+        },
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}; expected one of {METHODS}")
+        if self.overlength not in ("drop", "error"):
+            raise ValueError(f"overlength must be 'drop' or 'error', got {self.overlength!r}")
+        if self.hira_r <= 0:
+            raise ValueError(f"hira_r must be positive, got {self.hira_r}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if isinstance(self.hira_kwargs, str):
+            try:
+                parsed = json.loads(self.hira_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"hira_kwargs must be a JSON object, got {self.hira_kwargs!r}: {err}") from None
+            self.hira_kwargs = parsed
+        if self.hira_kwargs is not None and not isinstance(self.hira_kwargs, dict):
+            raise ValueError(f"hira_kwargs must be a mapping, got {type(self.hira_kwargs).__name__}")
+        if self.hira_variant is not None and self.method != "hira":
+            raise ValueError(f"hira_variant={self.hira_variant!r} needs method=hira (got method={self.method!r})")
+
+
+def with_default_config(script_path: str, argv: list[str] | None = None) -> list[str]:
+    """Arguments for ``TrlParser.parse_args_and_config``: ``--config <script>.yaml`` is added when none is given, so
+    ``accelerate launch recipes/commonsense.py`` runs the paper setting; CLI flags still override YAML keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", os.path.splitext(os.path.abspath(script_path))[0] + ".yaml"] + argv
+    return argv
+
+
+def resolve_resume(value: str | bool | None) -> str | bool | None:
+    """``TrainingArguments.resume_from_checkpoint`` is typed ``str``, so ``--resume_from_checkpoint true`` arrives as
+    the path "true". Map ``last``/``true`` to ``True`` (Trainer then picks the latest checkpoint in ``output_dir``)."""
+    if value is None or value is False:
+        return None
+    if value is True or str(value).lower() in ("true", "last", "latest", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "none", "0", "no", ""):
+        return None
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"resume_from_checkpoint={value!r} is not a checkpoint directory (use `last` for the latest)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def hira_config_class():
+    """The HiRA config class: this package's registered tuner when it is there, else stock ``peft.HiraConfig``."""
+    import hira
+
+    cls = getattr(hira, "HiraConfig", None)
+    if cls is None:
+        from peft import HiraConfig as cls  # plain HiRA only; variants need the package's tuner
+    return cls
+
+
+def build_peft_config(hira_args: HiraArguments, model_args: Any = None, hidden_size: int | None = None):
+    """The PEFT config for ``hira_args.method`` (``None`` for full fine-tuning)."""
+    method = hira_args.method
+    targets = hira_args.hira_target_modules
+    if method == "hira":
+        cls = hira_config_class()
+        kwargs = dict(r=hira_args.hira_r, target_modules=targets, hira_dropout=hira_args.hira_dropout)
+        if hira_args.hira_variant is not None:
+            kwargs["variant"] = hira_args.hira_variant
+        kwargs.update(hira_args.hira_kwargs or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.__module__}.{cls.__name__} has no field(s) {unknown} (from hira_variant/hira_kwargs). "
+                f"Known fields: {sorted(known)}"
+            )
+        return cls(task_type="CAUSAL_LM", **kwargs)
+    if method in ("lora", "dora"):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=hira_args.hira_r,
+            target_modules=targets,
+            lora_alpha=getattr(model_args, "lora_alpha", 2 * hira_args.hira_r),
+            lora_dropout=getattr(model_args, "lora_dropout", hira_args.hira_dropout),
+            use_rslora=getattr(model_args, "use_rslora", False),
+            use_dora=method == "dora",
+        )
+    if method == "prompt_tuning":
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=hira_args.num_virtual_tokens)
+    if method == "p_tuning":
+        from peft import PromptEncoderConfig
+
+        return PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=hira_args.num_virtual_tokens,
+            encoder_hidden_size=hira_args.encoder_hidden_size or hidden_size,
+        )
+    return None  # full fine-tuning
+
+
+def model_module_names(model_name_or_path: str, trust_remote_code: bool = False) -> tuple[dict[str, str], Any]:
+    """Module name -> class name of the model, built on the meta device (no weights read), and its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: type(mod).__name__ for name, mod in model.named_modules()}, config
+
+
+def check_target_modules(targets: list[str] | str, modules: dict[str, str], model_name: str) -> None:
+    """Raise a clear error when a requested target module does not exist in the model (PEFT only errors when *none*
+    matches, so a typo next to valid names would silently adapt fewer layers)."""
+    if isinstance(targets, str):  # a regex or "all-linear": PEFT validates it
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, c in modules.items() if c in ("Linear", "Conv1D", "Embedding")})
+        raise ValueError(
+            f"Target module(s) {missing} not found in {model_name}. Its linear/embedding module names are: {leaves}. "
+            "Set --hira_target_modules to names the model has."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def load_raw_dataset(name_or_path: str, config: str | None = None, split: str = "train"):
+    """One split from a local file, a local folder (``<split>.json[l]`` inside it, or any folder ``datasets`` reads),
+    or a Hub dataset id."""
+    from datasets import load_dataset
+
+    if name_or_path is None:
+        raise ValueError("No dataset given: set `dataset_name` to a Hub id or a local file/folder")
+    if os.path.isfile(name_or_path):
+        ext = os.path.splitext(name_or_path)[1].lower()
+        if ext not in _FILE_BUILDERS:
+            raise ValueError(f"Cannot read {name_or_path}: expected one of {sorted(_FILE_BUILDERS)}")
+        return load_dataset(_FILE_BUILDERS[ext], data_files=name_or_path, split="train")
+    ext = os.path.splitext(name_or_path)[1].lower()
+    if ext in _FILE_BUILDERS and not os.path.exists(name_or_path):  # a remote file: URL or hf://datasets/<id>/<file>
+        return load_dataset(_FILE_BUILDERS[ext], data_files=name_or_path, split="train")
+    if os.path.isdir(name_or_path):
+        for ext in (".json", ".jsonl", ".parquet", ".csv"):
+            candidate = os.path.join(name_or_path, split + ext)
+            if os.path.isfile(candidate):
+                return load_dataset(_FILE_BUILDERS[ext], data_files=candidate, split="train")
+    return load_dataset(name_or_path, name=config, split=split)
+
+
+def format_dataset(
+    dataset,
+    to_prompt_completion: Callable[[dict], dict],
+    num_proc: int | None = None,
+    preprocess: Callable | None = None,
+):
+    """Map raw records to ``{"prompt", "completion"}``; a missing column is a clear error naming what the data has.
+
+    ``preprocess`` (optional) reshapes the raw dataset first, e.g. one ConvAI2 dialogue -> one row per turn.
+    """
+    if preprocess is not None:
+        dataset = preprocess(dataset)
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty")
+    try:
+        first = to_prompt_completion(dataset[0])
+    except KeyError as err:
+        raise ValueError(
+            f"The dataset cannot be formatted for this recipe: {err}. Columns found: {dataset.column_names}. "
+            "Rename the columns, or fork the recipe and change `to_prompt_completion`."
+        ) from None
+    if set(first) != {"prompt", "completion"} or not all(isinstance(v, str) for v in first.values()):
+        raise ValueError(f"to_prompt_completion must return string prompt and completion, got {first!r}")
+    return dataset.map(to_prompt_completion, remove_columns=dataset.column_names, num_proc=num_proc, desc="Formatting")
+
+
+def split_validation(dataset, val_size: int, seed: int):
+    """Shuffle with Python's ``random`` seeded by ``seed`` and keep the last ``val_size`` rows for validation.
+
+    This is the HiRA authors' split (``random.seed(58); random.shuffle(data)``; last 120 = validation): a shuffle
+    depends only on the list length and the seed, so for commonsense_170k it selects the same records.
+    """
+    if val_size == 0:
+        return dataset, None
+    if val_size >= len(dataset):
+        raise ValueError(f"val_size={val_size} leaves no training data ({len(dataset)} examples)")
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    return dataset.select(order[:-val_size]), dataset.select(order[-val_size:])
+
+
+def sequence_lengths(dataset, tokenizer) -> list[int]:
+    """Token count of prompt + completion + EOS as TRL builds it (special tokens of the tokenizer included)."""
+    eos = tokenizer.eos_token or ""
+    lengths = []
+    for start in range(0, len(dataset), 1000):
+        batch = dataset[start : start + 1000]
+        texts = [p + c + eos for p, c in zip(batch["prompt"], batch["completion"])]
+        lengths.extend(len(ids) for ids in tokenizer(texts)["input_ids"])
+    return lengths
+
+
+def enforce_max_length(dataset, tokenizer, max_length: int | None, policy: str, name: str = "train"):
+    """Apply ``policy`` to examples longer than ``max_length`` so TRL never truncates one (its right truncation would
+    cut the answer). Returns ``(dataset, n_dropped)``."""
+    if max_length is None or dataset is None:
+        return dataset, 0
+    lengths = sequence_lengths(dataset, tokenizer)
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if not too_long:
+        logger.info("%s: all %d examples fit max_length=%d (longest %d tokens)", name, len(lengths), max_length, max(lengths))
+        return dataset, 0
+    msg = (
+        f"{name}: {len(too_long)} of {len(lengths)} examples ({100 * len(too_long) / len(lengths):.2f}%) are longer "
+        f"than max_length={max_length} tokens (longest {max(lengths)}; first at index {too_long[0]})"
+    )
+    if policy == "error":
+        raise ValueError(msg + ". Raise --max_length, or pass --overlength drop to leave them out.")
+    logger.warning("%s: dropping them (overlength=drop), never truncating.", msg)
+    keep = sorted(set(range(len(lengths))) - set(too_long))
+    return dataset.select(keep), len(too_long)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run summary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting ZeRO-3 partitioned parameters by their full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None) or p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    out = {}
+    if torch.cuda.is_available():
+        out["accelerator_peak_allocated"] = int(torch.cuda.max_memory_allocated())
+        out["accelerator_peak_reserved"] = int(torch.cuda.max_memory_reserved())
+    # ru_maxrss is in KiB on Linux: the peak resident memory of this process.
+    out["host_peak_rss"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return out
+
+
+class RunSummaryCallback(TrainerCallback):
+    """Write ``run_summary.json`` (trainable parameters, tokens/s, peak memory, wall time) into ``output_dir``.
+
+    Tokens are counted by the Trainer (``include_num_input_tokens_seen``, padding excluded), summed over processes.
+    """
+
+    def __init__(self, extra: dict | None = None):
+        self.extra = dict(extra or {})
+        self.start = None
+        self.start_tokens = 0
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        self.start_tokens = state.num_input_tokens_seen or 0
+        self.start_step = state.global_step
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        wall = time.perf_counter() - self.start
+        trainable, total = count_parameters(model)
+        tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+        summary = {
+            **self.extra,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100.0 * trainable / total if total else 0.0,
+            "train_wall_time_s": wall,
+            "steps": state.global_step - self.start_step,
+            "global_step": state.global_step,
+            "train_tokens": int(tokens),
+            "tokens_per_s": tokens / wall if wall > 0 else None,
+            "world_size": args.world_size,
+            "best_model_checkpoint": state.best_model_checkpoint,
+            "best_metric": state.best_metric,
+            "peak_memory_bytes": peak_memory_bytes(),  # of the main process
+            "log_history": state.log_history,
+        }
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+            logger.info(
+                "Run summary: %d trainable params (%.4f%%), %.1f tokens/s, %.1f s -> %s",
+                trainable,
+                summary["trainable_percent"],
+                summary["tokens_per_s"] or 0.0,
+                wall,
+                os.path.join(args.output_dir, "run_summary.json"),
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe body
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args) -> None:
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(level if training_args.should_log else logging.WARNING)
+
+
+def run_recipe(
+    task: str,
+    to_prompt_completion: Callable[[dict], dict],
+    script_args,
+    training_args,
+    model_args,
+    hira_args: HiraArguments,
+    callbacks: list | None = None,
+    preprocess: Callable | None = None,
+):
+    """Load data, build the method, train with TRL's ``SFTTrainer``, save the adapter and a run summary.
+
+    Returns the trainer (after ``train``), so tests and notebooks can inspect it.
+    """
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer, get_quantization_config
+
+    from hira.models import resolve_model
+
+    setup_logging(training_args)
+    logger.info("Arguments: %s", {"script": asdict(script_args), "model": asdict(model_args), "method": asdict(hira_args)})
+
+    # Model: packaged aliases (smollm2-135m, tiny-llama) resolve to local checkpoints; Hub ids and paths pass through.
+    model_name = resolve_model(model_args.model_name_or_path)
+    modules, config = model_module_names(model_name, training_args.trust_remote_code)
+    if hira_args.method in ("hira", "lora", "dora"):
+        check_target_modules(hira_args.hira_target_modules, modules, model_args.model_name_or_path)
+    model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
+    if model_args.attn_implementation is not None:
+        model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+    quantization_config = get_quantization_config(model_args)  # load_in_4bit: true -> QHiRA
+    tokenizer = AutoTokenizer.from_pretrained(model_name, revision=model_args.model_revision)
+
+    # Response-only loss is TRL's default for prompt/completion rows; train_on_inputs turns it off for every method.
+    if training_args.completion_only_loss is not None and training_args.completion_only_loss == hira_args.train_on_inputs:
+        raise ValueError("completion_only_loss contradicts train_on_inputs: set only train_on_inputs")
+    training_args.completion_only_loss = not hira_args.train_on_inputs
+    if training_args.include_num_input_tokens_seen in ("no", False):
+        training_args.include_num_input_tokens_seen = "non_padding"
+    if training_args.learning_rate != SUGGESTED_LR[hira_args.method]:
+        logger.info(
+            "method=%s with learning_rate=%g (the references use about %g for this method)",
+            hira_args.method,
+            training_args.learning_rate,
+            SUGGESTED_LR[hira_args.method],
+        )
+
+    # Data: raw records -> prompt/completion via hira.prompts, seeded validation split, explicit over-length policy.
+    raw = load_raw_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    data = format_dataset(raw, to_prompt_completion, training_args.dataset_num_proc, preprocess)
+    train_ds, val_ds = split_validation(data, hira_args.val_size, hira_args.val_split_seed)
+    if hira_args.max_train_samples is not None:
+        train_ds = train_ds.select(range(min(hira_args.max_train_samples, len(train_ds))))
+    max_len = training_args.max_length
+    if hira_args.method in ("prompt_tuning", "p_tuning") and max_len is not None:
+        max_len -= hira_args.num_virtual_tokens  # virtual tokens take room in the context
+    train_ds, dropped_train = enforce_max_length(train_ds, tokenizer, max_len, hira_args.overlength, "train")
+    val_ds, dropped_val = enforce_max_length(val_ds, tokenizer, max_len, hira_args.overlength, "validation")
+    if val_ds is None and training_args.eval_strategy != "no":
+        raise ValueError("eval_strategy needs a validation split: set val_size > 0 or --eval_strategy no")
+    if val_ds is None and training_args.load_best_model_at_end:
+        raise ValueError("load_best_model_at_end needs a validation split (val_size > 0)")
+
+    peft_config = build_peft_config(hira_args, model_args, hidden_size=getattr(config, "hidden_size", None))
+    summary = RunSummaryCallback(
+        extra={
+            "task": task,
+            "method": hira_args.method,
+            "hira_variant": hira_args.hira_variant,
+            "model": model_args.model_name_or_path,
+            "dataset": script_args.dataset_name,
+            "train_examples": len(train_ds),
+            "validation_examples": len(val_ds) if val_ds is not None else 0,
+            "dropped_overlength": {"train": dropped_train, "validation": dropped_val},
+            "response_only_loss": not hira_args.train_on_inputs,
+        }
+    )
+    trainer = SFTTrainer(
+        model=model_name,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=quantization_config,
+        callbacks=[summary, *(callbacks or [])],
+    )
+    if hasattr(trainer.model, "print_trainable_parameters") and trainer.accelerator.is_main_process:
+        trainer.model.print_trainable_parameters()
+
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint))
+    # With a PEFT method this writes only the adapter (+ tokenizer); checkpoints hold adapter + optimizer state.
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        logger.info("Saved to %s", training_args.output_dir)
+    trainer.end()  # finish trackers, destroy the process group (transformers >= 5.18)
+    return trainer
