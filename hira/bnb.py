@@ -46,16 +46,17 @@ class _QuantMixin(HiraFamilyMixin):
         active = self._active(self.hira_A.keys())
         if not active:
             return result
+        x_ins = {a: self._dropped(a, x) for a in active}  # one dropout draw per adapter
         terms = []
         for a in active:
-            term = self._adapter_term(a, self._dropped(a, x))
+            term = self._adapter_term(a, x_ins[a])
             if term.modulator is None:
                 term.modulator = self._dequant_oi
             terms.append(term)
         y = hira_linear(x, None, None, terms, include_base=False, half_mode=self.half_precision_forward)
         result = result + y.to(result.dtype)
         for a in active:
-            extra = self._extra_output(a, self._dropped(a, x))
+            extra = self._extra_output(a, x_ins[a])
             if extra is not None:
                 result = result + extra.to(result.dtype)
         return result

@@ -179,7 +179,8 @@ class Linear(HiraFamilyMixin, stock.Linear):
             )
         if not self.fused:
             return self._forward_dense(x, active, *args, **kwargs)
-        terms = [self._adapter_term(a, self._dropped(a, x)) for a in active]
+        x_ins = {a: self._dropped(a, x) for a in active}  # one dropout draw per adapter, shared by its terms
+        terms = [self._adapter_term(a, x_ins[a]) for a in active]
         gather = (lambda: gather_ctx(params)) if zero3 else None
         with gather_ctx(params):
             y = hira_linear(
@@ -192,7 +193,7 @@ class Linear(HiraFamilyMixin, stock.Linear):
                 gather=gather,
             )
         for a in active:
-            extra = self._extra_output(a, self._dropped(a, x))
+            extra = self._extra_output(a, x_ins[a])
             if extra is not None:
                 y = y + extra.to(y.dtype)
         return y
