@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     decoding = inference.DecodingConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, stop_strings=STOP_STRINGS)
     run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
-                  "backend": args.backend, "decoding": vars(decoding) | {"stop_strings": list(STOP_STRINGS)},
+                  "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
                   "prompt": f"hira.prompts.metamath_prompt(cot_trigger={args.cot_trigger})", "data": source}
     inference.check_run_config(out_dir, run_config, overwrite=args.overwrite)
     loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir)

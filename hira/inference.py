@@ -207,6 +207,14 @@ class DecodingConfig:
         return kw
 
 
+def decoding_fingerprint(decoding: DecodingConfig) -> dict:
+    """The decoding settings that define the predictions (the batch size does not: a resumed run may change it)."""
+    d = asdict(decoding)
+    d.pop("batch_size")
+    d["stop_strings"] = list(d["stop_strings"])
+    return d
+
+
 def cut_at(text: str, markers: Sequence[str]) -> str:
     """Cut ``text`` at the first occurrence of any marker."""
     for m in markers:
@@ -260,7 +268,15 @@ def read_predictions(out_dir: str) -> dict[str, dict]:
 
 
 def _append(path: str, records: Sequence[dict]) -> None:
+    # a line cut short by a crash must not swallow the first new record: start on a fresh line
+    torn = False
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with open(path, "a") as f:
+        if torn:
+            f.write("\n")
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
@@ -443,6 +459,7 @@ def write_metrics(out_dir: str, metrics: dict, loaded_info: dict, decoding: Deco
         "versions": package_versions(),
         "git_revision": git_revision(),
     }
+    summary = json.loads(json.dumps(summary))  # exactly what the file holds (tuples become lists)
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
     return summary
