@@ -74,7 +74,8 @@ class _QuantMixin(HiraFamilyMixin):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"Non-finite values in the merged weight of adapter(s) {adapter_names}; nothing merged.")
         if not self.merged:
-            self._quant_original = (base.weight, getattr(base.state, "SCB", None) if hasattr(base, "state") else None)
+            state = getattr(base, "state", None)  # 8-bit: the int8 matrix (CB) and its scales (SCB) live here
+            self._quant_original = (base.weight, getattr(state, "CB", None), getattr(state, "SCB", None))
         self._requantize(merged)
         self.merged_adapters.extend(adapter_names)
 
@@ -83,11 +84,11 @@ class _QuantMixin(HiraFamilyMixin):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        weight, scb = self._quant_original
+        weight, cb, scb = self._quant_original
         base.weight = weight
         if hasattr(base, "state"):
-            base.state.SCB = scb
-            base.state.reset_grads()
+            base.state.reset_grads()  # clears CB/SCB too: restore the original int8 matrix and scales afterwards
+            base.state.CB, base.state.SCB = cb, scb
         self._quant_original = None
         self.merged_adapters.clear()
 
