@@ -232,6 +232,18 @@ def check_target_modules(targets: list[str] | str, modules: dict[str, str], mode
         )
 
 
+def check_adapted_modules(model, targets: list[str] | str, model_name: str) -> None:
+    """After PEFT wrapped the model: every requested target must have at least one adapted module."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(targets, str):
+        return
+    adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adapted)]
+    if missing:
+        raise ValueError(f"Target module(s) {missing} not found in {model_name}: nothing was adapted for them.")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
@@ -449,9 +461,15 @@ def run_recipe(
 
     # Model: packaged aliases (smollm2-135m, tiny-llama) resolve to local checkpoints; Hub ids and paths pass through.
     model_name = resolve_model(model_args.model_name_or_path)
-    modules, config = model_module_names(model_name, training_args.trust_remote_code)
-    if hira_args.method in ("hira", "lora", "dora"):
+    from transformers import AutoConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    low_rank = hira_args.method in ("hira", "lora", "dora")
+    if low_rank and not is_deepspeed_zero3_enabled():
+        # Fail before the weights load (minutes for an 8B model); under ZeRO-3 the check runs after loading instead.
+        modules, _ = model_module_names(model_name, training_args.trust_remote_code)
         check_target_modules(hira_args.hira_target_modules, modules, model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
     model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
     if model_args.attn_implementation is not None:
         model_init_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -514,6 +532,8 @@ def run_recipe(
         quantization_config=quantization_config,
         callbacks=[summary, *(callbacks or [])],
     )
+    if low_rank:
+        check_adapted_modules(trainer.model, hira_args.hira_target_modules, model_args.model_name_or_path)
     if hasattr(trainer.model, "print_trainable_parameters") and trainer.accelerator.is_main_process:
         trainer.model.print_trainable_parameters()
 
