@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, Optional
 
 from peft import HiraConfig as _StockHiraConfig
 from peft.utils import PeftType
@@ -40,17 +40,41 @@ class HiraConfig(_StockHiraConfig):
     their meaning. Extra fields:
 
     Args:
-        variant: ``"hira"`` (default). Other members of the family are added by the variant modules.
-        modulator: the fixed matrix R of ``ΔW = R ⊙ (B·A)``; ``"weight"`` (W0, the paper's HiRA) by default.
+        variant: ``"hira"`` (default), ``"hilora"``, ``"bhra"`` or ``"sb"``; see :mod:`hira.variants` and
+            docs/variants.md. The ``hilora_*``, ``bhra_*``, ``sb_*`` fields configure them.
+        modulator: the fixed matrix R of ``ΔW = R ⊙ (B·A)``; ``"weight"`` (W0, the paper's HiRA) by default, or
+            ``"random"`` (``modulator_seed``), ``"lowrank"`` (``modulator_rank``), ``"smooth"``.
         fused: use the fused one-GEMM path (:mod:`hira.functional`). ``False`` computes the dense formula with plain
             autograd (stock-PEFT-like memory); useful for debugging.
         half_precision_forward: ``"split"`` (default) or ``"merged"``: the forward in bf16/fp16; see
             :mod:`hira.functional`. Full-precision (fp32/fp64) compute always uses the exact one-GEMM forward.
     """
 
-    variant: Literal["hira"] = field(default="hira", metadata={"help": "Member of the HiRA family: hira."})
-    modulator: Literal["weight"] = field(
-        default="weight", metadata={"help": "Fixed modulator R in ΔW = R ⊙ (B·A): weight (W0)."}
+    variant: Literal["hira", "hilora", "bhra", "sb"] = field(
+        default="hira", metadata={"help": "Member of the HiRA family: hira, hilora, bhra, sb (see docs/variants.md)."}
+    )
+    modulator: Literal["weight", "random", "lowrank", "smooth"] = field(
+        default="weight",
+        metadata={"help": "Fixed modulator R in ΔW = R ⊙ (B·A): weight (W0), random, lowrank, smooth."},
+    )
+    # ---- HiRA-family variant options (hira/variants.py, hira/sb.py); each only applies to its variant/modulator.
+    hilora_r2: int = field(default=0, metadata={"help": "HiLoRA: rank r2 of the additive LoRA part (r1 = r - r2)."})
+    hilora_alpha: Optional[float] = field(
+        default=None, metadata={"help": "HiLoRA: LoRA part scaled by hilora_alpha/r2 (LoRA convention); None: scale 1."}
+    )
+    bhra_blocks: int = field(default=1, metadata={"help": "BHRA: k of the k×k block grid (rank r/k per block)."})
+    modulator_seed: int = field(default=0, metadata={"help": "random modulator: seed of the hashed uniform [0,1)."})
+    modulator_rank: int = field(default=8, metadata={"help": "lowrank modulator: rank v of W0's truncated SVD."})
+    sb_target: Literal["grad_over_weight", "grad", "grad_times_weight"] = field(
+        default="grad_over_weight",
+        metadata={"help": "HiRA-SB: matrix whose truncated SVD gives B, A: G⊘W0, G, or W0⊙G (G: full-FT gradient)."},
+    )
+    sb_init_step: float = field(
+        default=0.0,
+        metadata={"help": "HiRA-SB: 0 starts as a no-op (S=0); >0 applies the projected full-FT step -η·G at init."},
+    )
+    sb_eps: float = field(
+        default=0.05, metadata={"help": "HiRA-SB: |W0| floor, relative to mean|W0|, guarding the division G⊘W0."}
     )
     fused: bool = field(default=True, metadata={"help": "Use the fused, memory-lean autograd path."})
     half_precision_forward: Literal["split", "merged"] = field(
@@ -67,8 +91,8 @@ class HiraConfig(_StockHiraConfig):
         self.peft_type = PeftType.HIRA if self.is_plain_hira else HiraFamilyType.HIRA_FAMILY
 
     # Variant modules extend these checks.
-    _valid_variants = ("hira",)
-    _valid_modulators = ("weight",)
+    _valid_variants = ("hira", "hilora", "bhra", "sb")  # HiRA-family variants: hira/variants.py
+    _valid_modulators = ("weight", "random", "lowrank", "smooth")
 
     def _validate_family(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -86,14 +110,19 @@ class HiraConfig(_StockHiraConfig):
             )
         if not 0.0 <= float(self.hira_dropout) < 1.0:
             raise ValueError(f"hira_dropout must be in [0, 1), got {self.hira_dropout!r}.")
+        from .variants import validate_config  # HiRA-family variant checks
+
+        validate_config(self)
 
     @property
     def is_plain_hira(self) -> bool:
         return all(getattr(self, k) == v for k, v in _VARIANT_DEFAULTS.items()) and self._variant_fields_default()
 
     def _variant_fields_default(self) -> bool:
-        """True when every variant-specific field holds its default (overridden by variant modules)."""
-        return True
+        """True when every variant-specific field holds its default."""
+        from .variants import variant_fields_default
+
+        return variant_fields_default(self)
 
     def to_dict(self):
         d = super().to_dict()

@@ -30,6 +30,7 @@ from peft.tuners.hira import layer as stock
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from . import variants as _variants
 from .functional import LOW_RANK, Term, hira_linear
 
 
@@ -50,6 +51,10 @@ def gather_ctx(params):
 class HiraFamilyMixin:
     """Shared behaviour of every HiRA-family layer; placed before the stock class in the MRO."""
 
+    # HiRA-family variants (hira/variants.py) keep their extra per-adapter factors/buffers in these containers.
+    adapter_layer_names = stock.HiraLayer.adapter_layer_names + _variants.VARIANT_ADAPTER_LAYER_NAMES
+    other_param_names = stock.HiraLayer.other_param_names + _variants.VARIANT_OTHER_NAMES
+
     # ---------------------------------------------------------------- configuration
 
     def _family_init(self, config) -> None:
@@ -60,17 +65,31 @@ class HiraFamilyMixin:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"HiRA rank r must be a positive integer, got r={r!r} for adapter {adapter_name!r}.")
         self._family_init(config)
-        return super().update_layer(adapter_name, r, config=config, **kwargs)
+        _variants.ensure_containers(self)
+        out = super().update_layer(adapter_name, r, config=config, **kwargs)
+        _variants.setup_adapter(self, adapter_name, r, config)  # no-op for plain HiRA
+        self.set_adapter(self.active_adapters)
+        return out
 
     # ---------------------------------------------------------------- extension hooks
 
+    def _variant(self, adapter: str):
+        """The adapter's :class:`hira.variants.AdapterVariant`, or ``None`` for plain HiRA."""
+        return self.__dict__.get("hira_variant", {}).get(adapter)
+
     def _factor_params(self, adapter: str):
+        if (v := self._variant(adapter)) is not None:
+            return v.factor_params(self, adapter)
         return (self.hira_A[adapter], self.hira_B[adapter])
 
     def _adapter_term(self, adapter: str, x_in: torch.Tensor) -> Term:
+        if (v := self._variant(adapter)) is not None:
+            return v.adapter_term(self, adapter, x_in)
         return Term(x_in=x_in, factorization=LOW_RANK, params=self._factor_params(adapter), modulator=None)
 
     def _extra_output(self, adapter: str, x_in: torch.Tensor) -> Optional[torch.Tensor]:
+        if (v := self._variant(adapter)) is not None:
+            return v.extra_output(self, adapter, x_in)
         return None
 
     def _dense_M(self, adapter: str) -> torch.Tensor:
@@ -80,6 +99,8 @@ class HiraFamilyMixin:
 
     def _additive_delta(self, adapter: str, W0: torch.Tensor) -> torch.Tensor:
         """``W' - W0`` for one adapter in the (out, in) layout, fp32. ``W0`` is (out, in)."""
+        if (v := self._variant(adapter)) is not None:
+            return v.additive_delta(self, adapter, W0)
         term = self._adapter_term(adapter, None)
         M = term.factorization.dense(*[p.float() for p in term.params])
         R = W0.float() if term.modulator is None else term.modulator().float()

@@ -8,6 +8,7 @@ from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from peft.tuners.hira.model import HiraModel as _StockHiraModel
 
 from .layer import HiraFamilyMixin, dispatch_default
+from .variants import finalize_adapter
 
 
 class HiraModel(_StockHiraModel):
@@ -55,7 +56,9 @@ class HiraModel(_StockHiraModel):
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         config = self.peft_config[adapter_name]
         _check_targets_exist(model, config)
-        return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        out = super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finalize_adapter(model, adapter_name)  # HiRA-family variants: model-level setup (smooth modulator)
+        return out
 
 
 def _check_targets_exist(model, config) -> None:
