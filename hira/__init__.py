@@ -11,9 +11,10 @@ from . import _peft_compat
 from .config import HiraConfig, HiraFamilyType
 from .functional import Factorization, LowRank, Term, hira_linear
 from .model import HiraModel
+from .sb import sb_init  # HiRA-SB initialisation (hira/sb.py)
 
 
 _peft_compat.register(HiraConfig, HiraModel, HiraFamilyType.HIRA_FAMILY)
 
-__all__ = ["Factorization", "HiraConfig", "HiraFamilyType", "HiraModel", "LowRank", "Term", "hira_linear"]
+__all__ = ["Factorization", "HiraConfig", "HiraFamilyType", "HiraModel", "LowRank", "Term", "hira_linear", "sb_init"]
 __version__ = "0.1.0"

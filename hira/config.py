@@ -66,8 +66,8 @@ class HiraConfig(_StockHiraConfig):
     modulator_seed: int = field(default=0, metadata={"help": "random modulator: seed of the hashed uniform [0,1)."})
     modulator_rank: int = field(default=8, metadata={"help": "lowrank modulator: rank v of W0's truncated SVD."})
     sb_target: Literal["grad_over_weight", "grad", "grad_times_weight"] = field(
-        default="grad_over_weight",
-        metadata={"help": "HiRA-SB: matrix whose truncated SVD gives B, A: G⊘W0, G, or W0⊙G (G: full-FT gradient)."},
+        default="grad_times_weight",
+        metadata={"help": "HiRA-SB: matrix whose truncated SVD gives B, A: W0⊙G (default), G⊘W0 or G (G: full-FT grad)."},
     )
     sb_init_step: float = field(
         default=0.0,

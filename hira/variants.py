@@ -305,7 +305,7 @@ def validate_config(cfg) -> None:
 
 
 # Defaults of HiRA-SB's init options (config.py reads them; see hira/sb.py and docs/variants.md for the choice).
-SB_DEFAULTS = {"sb_target": "grad_over_weight", "sb_init_step": 0.0, "sb_eps": 0.05}
+SB_DEFAULTS = {"sb_target": "grad_times_weight", "sb_init_step": 0.0, "sb_eps": 0.05}
 
 
 def variant_fields_default(cfg) -> bool:

@@ -413,3 +413,123 @@ def test_plain_config_stays_stock():
     assert "variant" not in c.to_dict() and "hilora_r2" not in c.to_dict()
     for case in CASES:
         assert cfg(case).peft_type == hira.HiraFamilyType.HIRA_FAMILY
+
+
+# ---------------------------------------------------------------------------------------------- HiRA-SB initialisation
+
+SB_D = 64
+
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(SB_D, SB_D)}) for _ in range(2)])
+        self.head = nn.Linear(SB_D, 8)
+
+    def forward(self, x):
+        h = x
+        for lyr in self.layers:
+            h = torch.tanh(lyr["proj"](h))
+        return self.head(h)
+
+
+@pytest.fixture(scope="module")
+def sb_task():
+    """Student = base; teacher weights W0 ⊙ (1 + E) with a full-rank E: a target HiRA-type update."""
+    torch.manual_seed(0)
+    base = Deep()
+    for lyr in base.layers:
+        lyr["proj"].weight.data.normal_(0, 1 / SB_D**0.5)
+    teacher = copy.deepcopy(base)
+    for lyr in teacher.layers:
+        W = lyr["proj"].weight.data
+        W.mul_(1 + 0.5 * torch.randn_like(W))
+    X = torch.randn(2048, SB_D)
+    with torch.no_grad():
+        Y = teacher(X)
+    batches = [(X[i : i + 256], Y[i : i + 256]) for i in range(0, 2048, 256)]
+    return base, X, Y, batches
+
+
+def _sb_loss(m, b):
+    return F.mse_loss(m(b[0]), b[1])
+
+
+def _train(base, X, Y, batches, cfg_kw, lr, steps, init=None):
+    torch.manual_seed(1)
+    m = get_peft_model(copy.deepcopy(base), hira.HiraConfig(r=R, target_modules=["proj"], **cfg_kw))
+    if init is not None:
+        hira.sb_init(m, batches, loss_fn=_sb_loss, progress=False, **init)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0)
+    losses = []
+    for s in range(steps + 1):
+        with torch.no_grad():
+            losses.append(F.mse_loss(m(X), Y).item())
+        if s == steps:
+            break
+        opt.zero_grad()
+        _sb_loss(m, batches[s % len(batches)]).backward()
+        opt.step()
+    return m, losses
+
+
+def test_sb_default_target_has_lowest_one_step_loss(sb_task):
+    """The default ``sb_target`` is the one whose init lowers the loss most after one Adam step (offset start)."""
+    base, X, Y, batches = sb_task
+    one_step = {}
+    for target in ("grad_times_weight", "grad_over_weight", "grad"):
+        _, losses = _train(base, X, Y, batches, {"variant": "sb"}, 3e-3, 1, init={"target": target})
+        one_step[target] = losses[1]
+        assert losses[0] == pytest.approx(_train(base, X, Y, batches, {}, 3e-3, 0)[1][0])  # no-op start
+    print("one-step loss by SB target:", one_step)
+    default = hira.HiraConfig(r=R, target_modules=["proj"], variant="sb").sb_target
+    assert min(one_step, key=one_step.get) == default
+
+
+def test_sb_trains_faster_than_hira_with_r2_params(sb_task):
+    base, X, Y, batches = sb_task
+    lr, steps = 3e-3, 6
+    m_h, l_h = _train(base, X, Y, batches, {}, lr, steps)
+    m_sb, l_sb = _train(base, X, Y, batches, {"variant": "sb"}, lr, steps, init={})
+    print("HiRA:", [round(v, 5) for v in l_h], "\nHiRA-SB:", [round(v, 5) for v in l_sb])
+    assert l_sb[0] == pytest.approx(l_h[0])
+    for s in range(1, steps + 1):
+        assert l_sb[s] < l_h[s]
+    assert (l_h[0] - l_sb[-1]) > 5 * (l_h[0] - l_h[-1])
+    n_sb, n_h = m_sb.get_nb_trainable_parameters()[0], m_h.get_nb_trainable_parameters()[0]
+    assert n_sb == 2 * R * R and n_h == 2 * R * (SB_D + SB_D)
+
+
+def test_sb_init_applied_and_exact_roundtrip(sb_task, tmp_path):
+    base, X, Y, batches = sb_task
+    m = get_peft_model(copy.deepcopy(base), hira.HiraConfig(r=R, target_modules=["proj"], variant="sb"))
+    rep = hira.sb_init(m, batches, loss_fn=_sb_loss, progress=False, init_step=10.0, target="grad_over_weight")
+    assert set(rep) == {n for n, _ in adapted(m)} and all(0 < v["energy"] <= 1 for v in rep.values())
+    with torch.no_grad():
+        y = m(X[:64])
+        l0 = F.mse_loss(base(X), Y).item()
+        assert F.mse_loss(m(X), Y).item() < l0  # the applied projected full-FT step lowers the loss at once
+    for _, lyr in adapted(m):  # B, A orthogonal (scaled), frozen
+        B, A = lyr.hira_B["default"], lyr.hira_A["default"]
+        assert not B.requires_grad and not A.requires_grad and lyr.hira_R["default"].requires_grad
+        c2 = (B.t() @ B).diag().mean()
+        torch.testing.assert_close(B.t() @ B, c2 * torch.eye(R), atol=1e-3 * c2, rtol=0)
+    m.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X[:64]), y, atol=0, rtol=0)
+        torch.testing.assert_close(loaded.merge_and_unload()(X[:64]), y, atol=1e-5, rtol=1e-5)
+
+
+def test_sb_guard_against_zero_weights(sb_task):
+    base, X, Y, batches = sb_task
+    b = copy.deepcopy(base)
+    with torch.no_grad():
+        b.layers[0]["proj"].weight[:, :5] = 0.0  # exact zeros in W0
+    m = get_peft_model(b, hira.HiraConfig(r=R, target_modules=["proj"], variant="sb"))
+    hira.sb_init(m, batches, loss_fn=_sb_loss, progress=False, target="grad_over_weight", init_step=1.0)
+    for _, lyr in adapted(m):
+        for c in (lyr.hira_A, lyr.hira_B, lyr.hira_R):
+            assert torch.isfinite(c["default"]).all()
+    with torch.no_grad():
+        assert torch.isfinite(m(X)).all()
