@@ -38,14 +38,23 @@ def _is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def gather_ctx(params):
-    """A context manager that gathers DeepSpeed ZeRO-3 partitioned params (read-only), or a no-op otherwise."""
+def gather_ctx(params, modify: bool = False):
+    """A context manager that gathers DeepSpeed ZeRO-3 partitioned params, or a no-op otherwise.
+
+    ``modify=True`` (merge/unmerge) makes rank 0's in-place changes the ones every rank keeps; otherwise the gather
+    is read-only."""
     zparams = [p for p in params if p is not None and _is_zero3_param(p)]
     if not zparams:
         return contextlib.nullcontext()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return deepspeed.zero.GatheredParameters(zparams, modifier_rank=None)
+    # Only gather what is partitioned right now: params DeepSpeed's own module hooks already fetched stay under
+    # DeepSpeed's control (freeing them here would break its bookkeeping).
+    missing = [p for p in zparams if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not missing:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(missing, modifier_rank=0 if modify else None)
 
 
 class HiraFamilyMixin:
@@ -139,7 +148,7 @@ class HiraFamilyMixin:
         if not adapter_names:
             return
         weight = self.get_base_layer().weight
-        with gather_ctx([weight]):
+        with gather_ctx([weight], modify=True):
             W0 = self._get_base_weight_before_merge()  # exact original, stored on CPU until unmerge
             W0_oi = self._weight_oi(W0)
             merged = self._weight_oi(weight.data).float().clone()
@@ -159,7 +168,7 @@ class HiraFamilyMixin:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         weight = self.get_base_layer().weight
-        with gather_ctx([weight]):
+        with gather_ctx([weight], modify=True):
             weight.data.copy_(self._base_weight_before_merge.to(device=weight.device, dtype=weight.dtype))
         self._base_weight_before_merge = None
         self.merged_adapters.clear()
