@@ -76,7 +76,7 @@ def evaluate(ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     summary = module.main(
-        ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "10",
+        ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "8",
          "--batch_size", str(batch_size), "--dtype", "float32", "--out", out, "--overwrite"]
     )
     return summary["metrics"]["per_task"]["boolq"]["accuracy"] if "metrics" in summary else summary["per_task"]["boolq"]["accuracy"]
@@ -87,8 +87,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "offline_default"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n_train", type=int, default=2000)
-    parser.add_argument("--n_test", type=int, default=300)
-    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--n_test", type=int, default=200)
+    parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--hira_r", type=int, default=32)
@@ -111,7 +111,7 @@ def main(argv=None):
     data_dir, baselines = build_data(args.out, args.n_train, args.n_test, args.seed)
 
     t = time.perf_counter()
-    untuned = evaluate(args.model, data_dir, os.path.join(args.out, "eval_untuned"), 16)
+    untuned = evaluate(args.model, data_dir, os.path.join(args.out, "eval_untuned"), 32)
     timings["eval_untuned_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -132,7 +132,7 @@ def main(argv=None):
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tuned = evaluate(adapter_dir, data_dir, os.path.join(args.out, "eval_hira"), 16)
+    tuned = evaluate(adapter_dir, data_dir, os.path.join(args.out, "eval_hira"), 32)
     timings["eval_tuned_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
