@@ -79,7 +79,7 @@ def evaluate(ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
         ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "8",
          "--batch_size", str(batch_size), "--dtype", "float32", "--out", out, "--overwrite"]
     )
-    return summary["metrics"]["per_task"]["boolq"]["accuracy"] if "metrics" in summary else summary["per_task"]["boolq"]["accuracy"]
+    return summary["metrics"]["per_task"]["boolq"]["accuracy"]
 
 
 def main(argv=None):
