@@ -65,6 +65,27 @@ MODELS = {
     "vocab": (512, 1376, 4, 8, 32000),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+DEV = torch.device("cpu")  # --device
+AUTOCAST = None  # --autocast bf16: every variant's forward runs under torch.autocast(DEV, bf16)
+
+
+def layer_variants():
+    return LAYER_VARIANTS + (["oursm"] if AUTOCAST else [])
+
+
+def model_variants():
+    return MODEL_VARIANTS + (["oursm"] if AUTOCAST else [])
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def amp():
+    if AUTOCAST is None:
+        return torch.autocast(DEV.type, enabled=False)
+    return torch.autocast(DEV.type, dtype=AUTOCAST)
 
 
 # ------------------------------------------------------------------------------------------------------ builders
@@ -144,11 +165,11 @@ def build_layer_variants(d_in, d_out, r, variants, seed=0):
             torch.manual_seed(seed + 1)
             m = _stock_hira(m, r, ["lin"])
             _set_hira_factors(m, seed + 2)
-        elif v == "ours":
+        elif v in ("ours", "oursm"):
             torch.manual_seed(seed + 1)
-            m = _ours_hira(m, r, ["lin"])
+            m = _ours_hira(m, r, ["lin"], half_precision_forward="merged" if v == "oursm" else "split")
             _set_hira_factors(m, seed + 2)
-        out[v] = m
+        out[v] = m.to(DEV)
     return out
 
 
@@ -188,10 +209,11 @@ def build_model_variants(name, r, variants, seed=0, cfg=None):
             torch.manual_seed(seed + 1)
             m = _stock_hira(m, r, TARGETS)
             _set_hira_factors(m, seed + 2)
-        elif v == "ours":
+        elif v in ("ours", "oursm"):
             torch.manual_seed(seed + 1)
-            m = _ours_hira(m, r, TARGETS)
+            m = _ours_hira(m, r, TARGETS, half_precision_forward="merged" if v == "oursm" else "split")
             _set_hira_factors(m, seed + 2)
+        m = m.to(DEV)
         m.train()
         out[v] = m
     del base
@@ -218,10 +240,14 @@ class LayerRunner:
 
     def __call__(self):
         _clear_grads(self.m, self.x)
+        sync()
         t0 = time.perf_counter()
-        y = self.m(self.x)
+        with amp():
+            y = self.m(self.x)
+        sync()
         t1 = time.perf_counter()
-        y.backward(self.g)
+        y.backward(self.g.to(y.dtype))
+        sync()
         t2 = time.perf_counter()
         del y
         return {"fwd": t1 - t0, "bwd": t2 - t1, "total": t2 - t0}
@@ -233,13 +259,18 @@ class StepRunner:
         self.opt = torch.optim.AdamW(trainable(model), lr=1e-5)
 
     def __call__(self):
+        sync()
         t0 = time.perf_counter()
-        loss = self.m(input_ids=self.ids, labels=self.ids).loss
+        with amp():
+            loss = self.m(input_ids=self.ids, labels=self.ids).loss
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         self.last_loss = loss.item()
         return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "total": t3 - t0}
@@ -310,12 +341,12 @@ def mem_child(spec):
         mods = build_layer_variants(spec["d_in"], spec["d_out"], spec["r"], [spec["variant"]])
         m = mods[spec["variant"]]
         torch.manual_seed(123)
-        x = torch.randn(spec["n"], spec["d_in"], requires_grad=True)
-        g = torch.randn(spec["n"], spec["d_out"])
+        x = torch.randn(spec["n"], spec["d_in"], device=DEV, requires_grad=True)
+        g = torch.randn(spec["n"], spec["d_out"], device=DEV)
         run_fwd = lambda: m(x)  # noqa: E731
 
         def run_bwd(y):
-            y.backward(g)
+            y.backward(g.to(y.dtype))
 
         def run_after():
             _clear_grads(m, x)
@@ -325,7 +356,7 @@ def mem_child(spec):
         mods = build_model_variants(spec["model"], spec["r"], [spec["variant"]])
         m = mods[spec["variant"]]
         torch.manual_seed(123)
-        ids = torch.randint(0, MODELS[spec["model"]][4], (spec["batch"], spec["seq"]))
+        ids = torch.randint(0, MODELS[spec["model"]][4], (spec["batch"], spec["seq"])).to(DEV)
         opt = torch.optim.AdamW(trainable(m), lr=1e-5)
         run_fwd = lambda: m(input_ids=ids, labels=ids).loss  # noqa: E731
 
@@ -337,7 +368,8 @@ def mem_child(spec):
             opt.zero_grad(set_to_none=True)
 
     for _ in range(2):  # warm-up (AdamW state exists after this)
-        y = run_fwd()
+        with amp():
+            y = run_fwd()
         run_bwd(y)
         del y
         run_after()
@@ -345,7 +377,8 @@ def mem_child(spec):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     r0 = _rss_kb()["VmRSS"]
-    y = run_fwd()
+    with amp():
+        y = run_fwd()
     r1 = _rss_kb()["VmRSS"]
     run_bwd(y)
     del y
@@ -354,12 +387,57 @@ def mem_child(spec):
     return {"rss_before_mb": r0 / 1024, "retained_after_fwd_mb": (r1 - r0) / 1024, "peak_incr_mb": (peak - r0) / 1024}
 
 
+def cuda_mem(spec):
+    """GPU version of mem_child, in process: allocator bytes instead of RSS."""
+    if spec["kind"] == "layer":
+        m = build_layer_variants(spec["d_in"], spec["d_out"], spec["r"], [spec["variant"]])[spec["variant"]]
+        x = torch.randn(spec["n"], spec["d_in"], device=DEV, requires_grad=True)
+        g = torch.randn(spec["n"], spec["d_out"], device=DEV)
+        fwd, bwd, after = (lambda: m(x)), (lambda y: y.backward(g.to(y.dtype))), (lambda: _clear_grads(m, x))
+    else:
+        m = build_model_variants(spec["model"], spec["r"], [spec["variant"]])[spec["variant"]]
+        ids = torch.randint(0, MODELS[spec["model"]][4], (spec["batch"], spec["seq"])).to(DEV)
+        opt = torch.optim.AdamW(trainable(m), lr=1e-5)
+        fwd = lambda: m(input_ids=ids, labels=ids).loss  # noqa: E731
+
+        def bwd(loss):
+            loss.backward()
+            opt.step()
+
+        after = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
+    for _ in range(2):
+        with amp():
+            y = fwd()
+        bwd(y)
+        del y
+        after()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    a0 = torch.cuda.memory_allocated()
+    with amp():
+        y = fwd()
+    a1 = torch.cuda.memory_allocated()
+    bwd(y)
+    del y
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    after()
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"rss_before_mb": a0 / 2**20, "retained_after_fwd_mb": (a1 - a0) / 2**20, "peak_incr_mb": (peak - a0) / 2**20}
+
+
 def run_mem_child(spec):
+    if DEV.type == "cuda":
+        return cuda_mem(spec)
     env = dict(os.environ)
     for k in MALLOC_TIMING_ENV:
         env.pop(k, None)
     env.update(MALLOC_MEMORY_ENV)
     env["BENCH_TUNER_CHILD"] = "1"
+    spec = dict(spec, autocast=AUTOCAST is not None)
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", json.dumps(spec)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -380,16 +458,17 @@ def bench_layer(shapes, tokens, ranks, repeats, results):
     for d_in, d_out in shapes:
         for r in ranks:
             for n in tokens:
-                mods = build_layer_variants(d_in, d_out, r, LAYER_VARIANTS)
+                mods = build_layer_variants(d_in, d_out, r, layer_variants())
                 torch.manual_seed(123)
-                x = torch.randn(n, d_in, requires_grad=True)
-                g = torch.randn(n, d_out)
+                x = torch.randn(n, d_in, device=DEV, requires_grad=True)
+                g = torch.randn(n, d_out, device=DEV)
                 # numerics sanity: ours vs stock (same factors)
                 ys = {}
                 for v in ("stock", "ours"):
                     _clear_grads(mods[v], x)
-                    y = mods[v](x)
-                    y.backward(g)
+                    with amp():
+                        y = mods[v](x)
+                    y.backward(g.to(y.dtype))
                     gB = [p.grad.clone() for nme, p in mods[v].named_parameters() if "hira_B" in nme][0]
                     gA = [p.grad.clone() for nme, p in mods[v].named_parameters() if "hira_A" in nme][0]
                     ys[v] = (y.detach(), x.grad.clone(), gA, gB)
@@ -397,7 +476,7 @@ def bench_layer(shapes, tokens, ranks, repeats, results):
                     float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(ys["ours"], ys["stock"])
                 ]
                 del ys
-                runners = {v: LayerRunner(mods[v], x, g) for v in LAYER_VARIANTS}
+                runners = {v: LayerRunner(mods[v], x, g) for v in layer_variants()}
                 t = interleaved(runners, repeats)
                 cell = {
                     "d_in": d_in,
@@ -412,12 +491,15 @@ def bench_layer(shapes, tokens, ranks, repeats, results):
                 for a, b in [("ours", "stock"), ("ours", "lora"), ("ours", "base"), ("stock", "lora"),
                              ("full", "lora"), ("lora", "base"), ("stock", "base")]:
                     cell["ratios"][f"{a}/{b}"] = paired(t, a, b)
+                if AUTOCAST:
+                    for a, b in [("oursm", "lora"), ("oursm", "stock"), ("oursm", "base")]:
+                        cell["ratios"][f"{a}/{b}"] = paired(t, a, b)
                 results["layer"].append(cell)
                 print(f"\n{d_in}->{d_out}, n={n}, r={r}, {repeats} repeats; ours vs stock max rel diff "
                       + ", ".join(f"{k} {v:.1e}" for k, v in cell["ours_vs_stock_maxrel"].items()))
                 w = [6, 7, 7, 8]
                 print(fmt_row(["var", "fwd", "bwd", "fwd+bwd"], w))
-                for v in LAYER_VARIANTS:
+                for v in layer_variants():
                     mm = cell["median_ms"][v]
                     print(fmt_row([v, f"{mm['fwd']:.1f}", f"{mm['bwd']:.1f}", f"{mm['total']:.1f}"], w))
                 print("  " + "  ".join(f"{k}={p:.2f} [{q:.2f}]" for k, (p, q) in cell["ratios"].items()))
@@ -428,10 +510,10 @@ def bench_layer(shapes, tokens, ranks, repeats, results):
 def bench_model(models, r, batch, seq, repeats, results):
     print(f"\n## Model: one training step (fwd + backward + AdamW), fp32, r={r}, batch {batch}x{seq} tokens")
     for name in models:
-        mods = build_model_variants(name, r, MODEL_VARIANTS)
+        mods = build_model_variants(name, r, model_variants())
         torch.manual_seed(123)
-        ids = torch.randint(0, MODELS[name][4], (batch, seq))
-        runners = {v: StepRunner(mods[v], ids) for v in MODEL_VARIANTS}
+        ids = torch.randint(0, MODELS[name][4], (batch, seq)).to(DEV)
+        runners = {v: StepRunner(mods[v], ids) for v in model_variants()}
         t = interleaved(runners, repeats, warmup=2)
         cell = {
             "model": name,
@@ -445,14 +527,15 @@ def bench_model(models, r, batch, seq, repeats, results):
             "ratios": {},
             "last_loss": {v: runners[v].last_loss for v in runners},
         }
-        for a, b in [("ours", "stock"), ("ours", "lora"), ("stock", "lora"), ("full", "lora"), ("ours", "full")]:
+        for a, b in [("ours", "stock"), ("ours", "lora"), ("stock", "lora"), ("full", "lora"), ("ours", "full")] + (
+                [("oursm", "lora"), ("oursm", "stock")] if AUTOCAST else []):
             cell["ratios"][f"{a}/{b}"] = paired(t, a, b)
         results["model"].append(cell)
         print(f"\n{name}: hidden {MODELS[name][0]}, inter {MODELS[name][1]}, {MODELS[name][2]} layers, "
               f"vocab {MODELS[name][4]}; {repeats} repeats")
         w = [6, 11, 7, 7, 7, 8]
         print(fmt_row(["var", "trainable", "fwd", "bwd", "opt", "step(s)"], w))
-        for v in MODEL_VARIANTS:
+        for v in model_variants():
             mm = cell["median_s"][v]
             print(fmt_row([v, f"{cell['trainable'][v]/1e6:.2f}M", f"{mm['fwd']:.3f}", f"{mm['bwd']:.3f}",
                            f"{mm['opt']:.3f}", f"{mm['total']:.3f}"], w))
@@ -464,12 +547,13 @@ def bench_model(models, r, batch, seq, repeats, results):
 def bench_memory(layer_cells, models, r, batch, seq, results, rss=True, model_rss=True):
     print("\n## Memory held for backward (saved-tensor audit; MB of unique non-parameter storages, x included)")
     for d_in, d_out, n in layer_cells:
-        mods = build_layer_variants(d_in, d_out, r, LAYER_VARIANTS)
+        mods = build_layer_variants(d_in, d_out, r, layer_variants())
         torch.manual_seed(123)
-        x = torch.randn(n, d_in, requires_grad=True)
+        x = torch.randn(n, d_in, device=DEV, requires_grad=True)
         row = {"kind": "layer", "d_in": d_in, "d_out": d_out, "n": n, "r": r, "variants": {}}
         for v, m in mods.items():
-            by, y = saved_tensor_audit(lambda: m(x), list(m.parameters()), (x,))
+            with amp():
+                by, y = saved_tensor_audit(lambda: m(x), list(m.parameters()), (x,))
             del y
             rec = {
                 "saved_activation_mb": by["activation"] / 2**20,
@@ -487,12 +571,13 @@ def bench_memory(layer_cells, models, r, batch, seq, results, rss=True, model_rs
         del mods
         gc.collect()
     for name in models:
-        mods = build_model_variants(name, r, MODEL_VARIANTS)
+        mods = build_model_variants(name, r, model_variants())
         torch.manual_seed(123)
-        ids = torch.randint(0, MODELS[name][4], (batch, seq))
+        ids = torch.randint(0, MODELS[name][4], (batch, seq)).to(DEV)
         row = {"kind": "model", "model": name, "batch": batch, "seq": seq, "r": r, "variants": {}}
         for v, m in mods.items():
-            by, loss = saved_tensor_audit(lambda: m(input_ids=ids, labels=ids).loss, list(m.parameters()), (ids,))
+            with amp():
+                    by, loss = saved_tensor_audit(lambda: m(input_ids=ids, labels=ids).loss, list(m.parameters()), (ids,))
             del loss
             rec = {
                 "saved_activation_mb": by["activation"] / 2**20,
@@ -541,11 +626,11 @@ def precision_layer(results, d=2048, n=256, r=32, rms_list=(1e-4, 1e-3, 1e-2, 1e
     print(f"d=k={d}, n={n}, r={r}. 'update' = y - x·W0ᵀ (the part of the output the adapter contributes).")
     rows = []
     torch.manual_seed(0)
-    W32 = torch.randn(d, d) * 0.02
-    x32 = torch.randn(n, d)
-    g32 = torch.randn(n, d)
-    A0 = torch.randn(r, d)
-    B0 = torch.randn(d, r)
+    W32 = (torch.randn(d, d) * 0.02).to(DEV)
+    x32 = torch.randn(n, d).to(DEV)
+    g32 = torch.randn(n, d).to(DEV)
+    A0 = torch.randn(r, d).to(DEV)
+    B0 = torch.randn(d, r).to(DEV)
     M0 = B0 @ A0
     for rms in rms_list:
         s = rms / float(M0.pow(2).mean().sqrt())
@@ -568,8 +653,8 @@ def precision_layer(results, d=2048, n=256, r=32, rms_list=(1e-4, 1e-3, 1e-2, 1e
             for mode in ("split", "merged", "stock", "fp32"):
                 xr = x.clone().requires_grad_(True)
                 Ap, Bp = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
-                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast" and mode != "fp32" else \
-                    torch.autocast("cpu", enabled=False)
+                ctx = torch.autocast(DEV.type, dtype=torch.bfloat16) if setting == "autocast" and mode != "fp32" \
+                    else torch.autocast(DEV.type, enabled=False)
                 with ctx:
                     if mode == "stock":
                         # stock PEFT HiRA forward: base(x) + F.linear(x.to(A.dtype), W0 * (AᵀBᵀ)ᵀ), cast back
@@ -600,7 +685,7 @@ def precision_layer(results, d=2048, n=256, r=32, rms_list=(1e-4, 1e-3, 1e-2, 1e
                            e["out_dtype"]], w))
 
 
-def precision_train(results, steps=20, lr=1e-3, r=8):
+def precision_train(results, steps=30, lr=5e-3, r=8):
     """A tiny Llama trained for a few AdamW steps on fixed data: bf16 policies vs the fp32 run (same init, same data)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -611,11 +696,14 @@ def precision_train(results, steps=20, lr=1e-3, r=8):
     base = LlamaForCausalLM(cfg)
     base.config.use_cache = False
     torch.manual_seed(1)
-    data = torch.randint(0, 1024, (4, 8, 128))  # 4 fixed batches of 8×128, cycled
+    # learnable data: arithmetic token sequences (next token = previous + stride mod V); 4 fixed batches of 8×128
+    start = torch.randint(0, 1024, (4, 8, 1))
+    stride = torch.randint(1, 8, (4, 8, 1))
+    data = (start + stride * torch.arange(128)) % 1024
     print(f"\n## Precision: training, tiny Llama (h256, 2 layers, vocab 1024), r={r}, AdamW lr={lr}, {steps} steps")
 
     def run(variant, setting):
-        m = copy.deepcopy(base)
+        m = copy.deepcopy(base).to(DEV)
         if setting == "bf16-weights":
             m = m.to(torch.bfloat16)
         torch.manual_seed(2)
@@ -628,9 +716,9 @@ def precision_train(results, steps=20, lr=1e-3, r=8):
         opt = torch.optim.AdamW(trainable(m), lr=lr)
         losses = []
         for s in range(steps):
-            ids = data[s % len(data)]
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast" else \
-                torch.autocast("cpu", enabled=False)
+            ids = data[s % len(data)].to(DEV)
+            ctx = torch.autocast(DEV.type, dtype=torch.bfloat16) if setting == "autocast" else \
+                torch.autocast(DEV.type, enabled=False)
             with ctx:
                 loss = m(input_ids=ids, labels=ids).loss
             loss.float().backward()
@@ -701,6 +789,8 @@ def machine():
 
     return {
         "cpu": cpu,
+        "gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else None,
+        "autocast": str(AUTOCAST),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -728,18 +818,27 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--no-malloc-env", action="store_true", help="do not re-exec with the MALLOC_* timing settings")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU: allocator peak instead of RSS)")
+    ap.add_argument("--autocast", choices=["bf16"], default=None,
+                    help="run every forward under torch.autocast(bf16); adds variant oursm (half_precision_forward=merged)")
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEV, AUTOCAST
 
     if args.mem_child:
         spec = json.loads(args.mem_child)
+        DEV = torch.device(spec.get("device", "cpu"))
+        AUTOCAST = torch.bfloat16 if spec.get("autocast") else None
         print(json.dumps(mem_child(spec)))
         return
     if not args.no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_TIMING_ENV.items()):
         env = dict(os.environ, **MALLOC_TIMING_ENV)
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
 
-    torch.set_num_threads(args.threads)
+    DEV = torch.device(args.device)
+    AUTOCAST = torch.bfloat16 if args.autocast == "bf16" else None
+    if DEV.type == "cpu":
+        torch.set_num_threads(args.threads)
     quick = args.mode == "quick"
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or "2048x2048,2048x5632").split(",")]
     tokens = [int(v) for v in (args.tokens or ("2048" if quick else "512,2048,4096")).split(",")]
