@@ -104,11 +104,20 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _dense_M(spec: _Spec, idx: list[int], params_by_term: list) -> torch.Tensor | None:
+def _work_params(params, wd):
+    """Factor params in the dtype of the d×k work: the half compute dtype, or their own (fp32/fp64) dtype.
+
+    Casts keep ``requires_grad`` (factorizations use it to skip the gradients of frozen factors)."""
+    if wd is None:
+        return tuple(params)
+    return tuple(p if p.dtype == wd else p.detach().to(wd).requires_grad_(p.requires_grad) for p in params)
+
+
+def _dense_M(spec: _Spec, idx: list[int], params_by_term: list, wd) -> torch.Tensor | None:
     M = None
     for t in idx:
-        m = spec.factorizations[t].dense(*params_by_term[t])
-        M = m if M is None else M + m
+        m = spec.factorizations[t].dense(*_work_params(params_by_term[t], wd))
+        M = m if M is None else M.add_(m)
     return M
 
 
@@ -117,49 +126,70 @@ def _modulator(spec: _Spec, t: int, W: torch.Tensor) -> torch.Tensor:
     return W if mod is None else mod()
 
 
+def _unpack(spec: _Spec, flat):
+    terms_x, terms_p, pos = [], [], 0
+    for t in range(spec.n_terms):
+        terms_x.append(flat[pos])
+        terms_p.append(tuple(flat[pos + 1 : pos + 1 + spec.n_params[t]]))
+        pos += 1 + spec.n_params[t]
+    return terms_x, terms_p
+
+
+def _like_weight(M, spec):
+    """Give M the memory layout of the stored weight, so the GEMM on W_eff runs the same kernel as the base layer's
+    (bitwise no-op at init). Only transformers ``Conv1D`` (stored in×out) needs the copy."""
+    return M.t().contiguous().t() if spec.fan_in_fan_out else M
+
+
+def _bias(bias, cdt):
+    return None if bias is None else bias.to(cdt)
+
+
+# The d×k work (M, W_eff, W0 ⊙ G) runs in the half compute dtype under bf16/fp16 (as stock PEFT does under autocast:
+# half the memory traffic of fp32 and no fp32 d×k transients), and in the adapters' own dtype otherwise. Elementwise
+# steps are done in place so that at most two d×k buffers exist at any time.
+
+
 class _HiraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x, weight, bias, *flat):
-        # flat = for each term: x_in, *params
-        terms_x, terms_p, pos = [], [], 0
-        for t in range(spec.n_terms):
-            terms_x.append(flat[pos])
-            terms_p.append(tuple(flat[pos + 1 : pos + 1 + spec.n_params[t]]))
-            pos += 1 + spec.n_params[t]
+        terms_x, terms_p = _unpack(spec, flat)
         cdt = spec.compute_dtype
+        wd = cdt if _is_half(cdt) else None
         with torch.autocast(spec.device_type, enabled=False):
             W = None if weight is None else (weight.t() if spec.fan_in_fan_out else weight)
-            main = [t for t in range(spec.n_terms) if spec.same_input[t]]
             # Terms sharing the layer input whose modulator is W0 are folded into one W_eff.
-            fold = [t for t in main if spec.modulators[t] is None]
+            fold = [t for t in range(spec.n_terms) if spec.same_input[t] and spec.modulators[t] is None]
+            if not spec.include_base:
+                fold = []
             rest = [t for t in range(spec.n_terms) if t not in fold]
             xs = x.to(cdt)
             y = None
             if spec.include_base:
-                M = _dense_M(spec, fold, terms_p)
+                M = _dense_M(spec, fold, terms_p, wd)
                 if M is None:
-                    y = F.linear(xs, W.to(cdt), bias.to(cdt) if bias is not None else None)
+                    y = F.linear(xs, W.to(cdt), _bias(bias, cdt))
                 elif _is_half(cdt) and spec.half_mode == "split":
-                    y = F.linear(xs, W.to(cdt), bias.to(cdt) if bias is not None else None)
-                    y = y + F.linear(xs, (W.to(M.dtype) * M).to(cdt))
+                    Wc = W.to(cdt)
+                    y = F.linear(xs, Wc, _bias(bias, cdt))
+                    y = y + F.linear(xs, M.mul_(Wc))  # W0 ⊙ M at half-precision relative resolution
                 else:
-                    Wd = W.to(M.dtype)
-                    W_eff = torch.addcmul(Wd, Wd, M).to(cdt)
+                    Wm = W.to(M.dtype)
+                    M = _like_weight(M, spec)
+                    W_eff = torch.addcmul(Wm, Wm, M, out=M).to(cdt)  # W0 + W0 ⊙ M, in place
                     del M
-                    y = F.linear(xs, W_eff, bias.to(cdt) if bias is not None else None)
+                    y = F.linear(xs, W_eff, _bias(bias, cdt))
                     del W_eff
-            else:
-                rest = list(range(spec.n_terms))
             for t in rest:
-                M = spec.factorizations[t].dense(*terms_p[t])
+                M = spec.factorizations[t].dense(*_work_params(terms_p[t], wd))
                 R = _modulator(spec, t, W)
-                delta = (R.to(M.dtype) * M).to(cdt)
+                delta = M.mul_(R.to(M.dtype)).to(cdt)
                 del M
                 out = F.linear(terms_x[t].to(cdt), delta)
                 del delta
                 y = out if y is None else y + out
         ctx.spec = spec
-        ctx.fold = fold if spec.include_base else []
+        ctx.fold = fold
         ctx.rest = rest
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, *flat)
@@ -178,73 +208,69 @@ class _HiraLinearFn(torch.autograd.Function):
     def _backward(ctx, g, saved):
         spec: _Spec = ctx.spec
         x, weight, bias, *flat = saved
-        terms_x, terms_p, pos = [], [], 0
-        for t in range(spec.n_terms):
-            terms_x.append(flat[pos])
-            terms_p.append(tuple(flat[pos + 1 : pos + 1 + spec.n_params[t]]))
-            pos += 1 + spec.n_params[t]
+        terms_x, terms_p = _unpack(spec, flat)
         cdt = spec.compute_dtype
+        wd = cdt if _is_half(cdt) else None
         needs = ctx.needs_input_grad  # (spec, x, weight, bias, *flat)
         if needs[2]:
             raise RuntimeError(
                 "The fused HiRA path needs a frozen base weight (requires_grad=False); "
                 "set `fused=False` in the HiRA config to train the base weight too."
             )
+
+        def params_need(t):
+            base = _param_offset(spec, t)
+            return any(needs[4 + base + 1 + j] for j in range(spec.n_params[t]))
+
         grad_x = grad_bias = None
         grads_flat: list = [None] * len(flat)
         with torch.autocast(spec.device_type, enabled=False):
             W = None if weight is None else (weight.t() if spec.fan_in_fan_out else weight)
             gc = g.to(cdt)
             g2 = gc.reshape(-1, gc.shape[-1])
-            # --- base GEMM + folded terms: input x ---
             if spec.include_base:
-                M = _dense_M(spec, ctx.fold, terms_p)
+                # grad_x = g · W_eff: one GEMM on the recomputed W_eff (also in "split" mode).
                 if needs[1]:
+                    M = _dense_M(spec, ctx.fold, terms_p, wd)
                     if M is None:
                         W_eff = W.to(cdt)
                     else:
-                        Wd = W.to(M.dtype)
-                        W_eff = torch.addcmul(Wd, Wd, M).to(cdt)
-                    grad_x = (g2 @ W_eff).reshape(*g.shape[:-1], W.shape[1])
+                        Wm = W.to(M.dtype)
+                        M = _like_weight(M, spec)
+                        W_eff = torch.addcmul(Wm, Wm, M, out=M).to(cdt)
+                        del M
+                    grad_x = (g2 @ W_eff).reshape(*g.shape[:-1], W_eff.shape[1])
                     del W_eff
-                if M is not None:
-                    del M
-                    fold_need = any(
-                        needs[4 + _param_offset(spec, t) + 1 + j]
-                        for t in ctx.fold
-                        for j in range(spec.n_params[t])
-                    )
-                    if fold_need:
-                        x2 = x.to(cdt).reshape(-1, x.shape[-1])
-                        G = g2.t() @ x2  # (out, in): the weight-gradient GEMM
-                        gM = G.to(terms_p[ctx.fold[0]][0].dtype) * W.to(terms_p[ctx.fold[0]][0].dtype)
-                        del G
-                        for t in ctx.fold:
-                            _scatter_grads(spec, t, gM, terms_p, grads_flat, needs)
-                        del gM
+                if any(params_need(t) for t in ctx.fold):
+                    G = g2.t() @ x.to(cdt).reshape(-1, x.shape[-1])  # (out, in): the weight-gradient GEMM
+                    gM = G.mul_(W.to(G.dtype)) if wd is not None else G.to(terms_p[ctx.fold[0]][0].dtype).mul_(W)
+                    del G
+                    for t in ctx.fold:
+                        _scatter_grads(spec, t, gM, _work_params(terms_p[t], wd), terms_p[t], grads_flat, needs)
+                    del gM
                 if ctx.has_bias and needs[3]:
                     grad_bias = g2.sum(0).to(bias.dtype)
-            # --- separate terms (dropout input or custom modulator) ---
+            # Separate terms (dropout input or custom modulator).
             for t in ctx.rest:
                 base = _param_offset(spec, t)
                 R = _modulator(spec, t, W)
-                M = spec.factorizations[t].dense(*terms_p[t])
-                pdt = M.dtype
                 xin = terms_x[t]
                 if needs[4 + base]:
-                    delta = (R.to(pdt) * M).to(cdt)
+                    M = spec.factorizations[t].dense(*_work_params(terms_p[t], wd))
+                    delta = M.mul_(R.to(M.dtype)).to(cdt)
+                    del M
                     gx_t = (g2 @ delta).reshape(*g.shape[:-1], delta.shape[1])
                     del delta
                     if spec.same_input[t]:
                         grad_x = gx_t if grad_x is None else grad_x + gx_t
                     else:
                         grads_flat[base] = gx_t.to(xin.dtype)
-                del M
-                if any(needs[4 + base + 1 + j] for j in range(spec.n_params[t])):
+                if params_need(t):
                     G = g2.t() @ xin.to(cdt).reshape(-1, xin.shape[-1])
-                    gM = G.to(pdt) * R.to(pdt)
+                    pdt = cdt if wd is not None else terms_p[t][0].dtype
+                    gM = G.to(pdt).mul_(R.to(pdt))
                     del G
-                    _scatter_grads(spec, t, gM, terms_p, grads_flat, needs)
+                    _scatter_grads(spec, t, gM, _work_params(terms_p[t], wd), terms_p[t], grads_flat, needs)
                     del gM
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
@@ -256,13 +282,13 @@ def _param_offset(spec: _Spec, t: int) -> int:
     return sum(1 + spec.n_params[i] for i in range(t))
 
 
-def _scatter_grads(spec, t, gM, terms_p, grads_flat, needs):
+def _scatter_grads(spec, t, gM, work_params, params, grads_flat, needs):
+    """Map dL/dM to term t's factor params (computed in the work dtype, accumulated in each param's dtype)."""
     base = _param_offset(spec, t)
-    grads = spec.factorizations[t].backward(gM, *terms_p[t])
+    grads = spec.factorizations[t].backward(gM, *work_params)
     for j, gr in enumerate(grads):
         if gr is not None and needs[4 + base + 1 + j]:
-            p = terms_p[t][j]
-            gr = gr.to(p.dtype)
+            gr = gr.to(params[j].dtype)
             grads_flat[base + 1 + j] = gr if grads_flat[base + 1 + j] is None else grads_flat[base + 1 + j] + gr
 
 
