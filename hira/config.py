@@ -46,7 +46,7 @@ class HiraConfig(_StockHiraConfig):
             ``"random"`` (``modulator_seed``), ``"lowrank"`` (``modulator_rank``), ``"smooth"``.
         fused: use the fused one-GEMM path (:mod:`hira.functional`). ``False`` computes the dense formula with plain
             autograd (stock-PEFT-like memory); useful for debugging.
-        half_precision_forward: ``"split"`` (default) or ``"merged"``: the forward in bf16/fp16; see
+        half_precision_forward: ``"merged"`` (default) or ``"split"``: the forward in bf16/fp16; see
             :mod:`hira.functional`. Full-precision (fp32/fp64) compute always uses the exact one-GEMM forward.
     """
 
@@ -78,10 +78,11 @@ class HiraConfig(_StockHiraConfig):
     )
     fused: bool = field(default=True, metadata={"help": "Use the fused, memory-lean autograd path."})
     half_precision_forward: Literal["split", "merged"] = field(
-        default="split",
+        default="merged",
         metadata={
-            "help": "bf16/fp16 forward: 'split' keeps the update at half-precision relative resolution (2 GEMMs); "
-            "'merged' uses one GEMM on W0⊙(1+BA) rounded to half precision (merged-weight precision)."
+            "help": "bf16/fp16 forward: 'merged' (default; the HiRA authors' numerics) is one GEMM on W0⊙(1+BA) "
+            "rounded to half precision (merged-weight precision); 'split' keeps the update at half-precision "
+            "relative resolution like stock PEFT (one more GEMM)."
         },
     )
 

@@ -4,8 +4,7 @@ Notation: ``W0`` is the frozen base weight (out×in), ``M`` the dense modulation
 ``M = B·A``), ``R`` the fixed modulator (plain HiRA: ``R = W0``). Stock PEFT computes ``base(x) + x·(W0⊙BA)ᵀ``: two
 full-size GEMMs forward, three backward, and autograd keeps the dense ``W0⊙BA`` alive until backward. Here:
 
-* forward, one GEMM on ``W_eff = W0 + R⊙M`` (full precision), or two GEMMs in half precision when the policy is
-  ``"split"`` (see below);
+* forward, one GEMM on ``W_eff = W0 + R⊙M`` (two GEMMs in half precision under the ``"split"`` policy, below);
 * backward, ``grad_x = g·W_eff`` (one GEMM, ``W_eff`` recomputed), ``G = gᵀ·x`` (the weight-gradient GEMM every exact
   HiRA needs), ``dL/dM = R ⊙ G``, then the factorization maps ``dL/dM`` to its factors (plain: ``grad_B = dM·Aᵀ``,
   ``grad_A = Bᵀ·dM``);
@@ -14,12 +13,13 @@ full-size GEMMs forward, three backward, and autograd keeps the dense ``W0⊙BA`
 
 Half-precision policy (bf16/fp16 compute, e.g. under autocast):
 
-* ``"split"`` (default): the forward keeps the update at half-precision *relative* resolution, exactly like stock
-  PEFT, by computing ``x·W0ᵀ + x·(R⊙M)ᵀ`` (two GEMMs); the backward stays one GEMM for ``grad_x``. 4 GEMMs instead
-  of PEFT's 5, no saved d×k.
-* ``"merged"``: one GEMM on ``W_eff`` rounded to half precision, i.e. the precision a merged half-precision model has
-  at inference. Entries of ``M`` below the half-precision resolution of ``1 + M`` (≈2⁻⁹ for bf16) are invisible in
-  the forward. 3 GEMMs.
+* ``"merged"`` (default): one GEMM on ``W_eff`` rounded to half precision, i.e. the precision a merged
+  half-precision model has at inference, and the HiRA authors' own implementation (``F.linear(x, W0 ⊙ (1 + BA))``).
+  Entries of ``M`` below the half-precision resolution of ``1 + M`` (≈2⁻⁹ for bf16) are invisible in the forward.
+  3 GEMMs.
+* ``"split"``: the forward keeps the update at half-precision *relative* resolution, exactly like stock PEFT, by
+  computing ``x·W0ᵀ + x·(R⊙M)ᵀ`` (two GEMMs); the backward stays one GEMM for ``grad_x``. 4 GEMMs instead of PEFT's
+  5, no saved d×k.
 
 Dropout on the adapter input is exact: terms whose input is ``dropout(x)`` rather than ``x`` get their own delta
 GEMM (``dropout(x)·(R⊙M)ᵀ``), while the base GEMM sees ``x``.
@@ -300,7 +300,7 @@ def hira_linear(
     *,
     fan_in_fan_out: bool = False,
     include_base: bool = True,
-    half_mode: str = "split",
+    half_mode: str = "merged",
     gather: Callable | None = None,
 ) -> torch.Tensor:
     """Compute ``x·W0ᵀ + b + Σ_terms x_in·(R⊙M)ᵀ`` with the memory-lean fused autograd Function.

@@ -68,7 +68,7 @@ class HiraFamilyMixin:
 
     def _family_init(self, config) -> None:
         self.fused = bool(getattr(config, "fused", True))
-        self.half_precision_forward = getattr(config, "half_precision_forward", "split")
+        self.half_precision_forward = getattr(config, "half_precision_forward", "merged")
 
     def update_layer(self, adapter_name, r, config, **kwargs):
         if not isinstance(r, int) or r <= 0:
