@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full")
 # Method for the ZeRO-3 test. HiRA under ZeRO-3 with partitioned small weights still fails in the tuner
 # ("Cannot free a ZeRO-3 parameter while it is still active"); switch to "hira" once it supports it.
-ZERO3_METHOD = "lora"
+ZERO3_METHOD = "hira"
 
 COMMONSENSE_ROWS = [
     {"instruction": f"Please answer the following question with true or false, question: is {q}?\n\nAnswer format: "
