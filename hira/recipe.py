@@ -537,7 +537,18 @@ def run_recipe(
     if hasattr(trainer.model, "print_trainable_parameters") and trainer.accelerator.is_main_process:
         trainer.model.print_trainable_parameters()
 
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args.resume_from_checkpoint))
+    resume = resolve_resume(training_args.resume_from_checkpoint)
+    if hira_args.method == "hira" and hira_args.hira_variant == "sb" and not resume:
+        # HiRA-SB trains only R between frozen B, A: they must come from the full-fine-tuning gradient of the
+        # training data before step 0 (a resumed run loads them from its checkpoint instead).
+        import hira
+
+        model = trainer.model
+        model.to(trainer.args.device)
+        stats = hira.sb_init(model, trainer.get_train_dataloader(), num_batches=8,
+                             progress=trainer.accelerator.is_main_process)
+        logger.info("HiRA-SB initialised %d layers from the full fine-tuning gradient (8 batches)", len(stats))
+    trainer.train(resume_from_checkpoint=resume)
     # With a PEFT method this writes only the adapter (+ tokenizer); checkpoints hold adapter + optimizer state.
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:

@@ -311,3 +311,34 @@ def test_zero3_two_processes_matches_one_process(tmp_path):
     for a, b in zip(z3_losses, one_losses):
         assert abs(a - b) < 2e-3, (z3_losses, one_losses)
     assert z3_losses[-1] < z3_losses[0] - 5e-3  # it did train
+
+
+@pytest.mark.parametrize(
+    "variant,extra,trainable",
+    [
+        ("hilora", {"hira_kwargs": '{"hilora_r2": 2}'}, 2048),  # r1 + r2 = r: LoRA's budget
+        ("bhra", {"hira_kwargs": '{"bhra_blocks": 2}'}, 2048),  # 2x2 grid, rank r/2 per block: LoRA's budget
+        ("sb", {}, 10 * 4 * 4),  # r x r per adapted linear (10 of them)
+        (None, {"hira_kwargs": '{"modulator": "random"}'}, 2048),
+    ],
+    ids=["hilora", "bhra", "sb", "random-modulator"],
+)
+def test_family_variants_through_the_recipe(variant, extra, trainable, tmp_path):
+    """Every HiRA-family variant is one config key away in every recipe (here commonsense); SB gets its
+    gradient-matched initialisation from the training data before step 0."""
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    args = dict(extra)
+    if variant:
+        args["hira_variant"] = variant
+    snap = Snapshot()
+    trainer = run("commonsense", tiny_args(data, tmp_path / "out", **args), callbacks=[snap])
+    assert trainer.state.global_step == 2
+    summary = json.load(open(tmp_path / "out" / "run_summary.json"))
+    assert summary["trainable_params"] == trainable
+    assert any(not torch.equal(snap.before[n], snap.after[n]) for n in snap.before), "nothing trained"
+    cfg = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert cfg["peft_type"] == "HIRA_FAMILY"
+    if variant == "sb":
+        # Only the r×r cores train, and they start at 0 (a no-op start between the gradient-matched B and A).
+        assert snap.before and all("hira_R" in n for n in snap.before)
+        assert all(torch.count_nonzero(v) == 0 for v in snap.before.values())
