@@ -75,8 +75,8 @@ def main():
     ap.add_argument("--num_beams", type=int, default=1)
     ap.add_argument("--max_new_tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                       "commonsense"))
+    ap.add_argument("--data_dir", default=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                        "..", "..", "shared", "data", "commonsense")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = resolve_model(args.model)

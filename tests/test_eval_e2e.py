@@ -188,6 +188,27 @@ def test_resume_after_crash_gives_the_same_metrics(tmp_path, boolq_dir, monkeypa
     assert cs.main(args + ["--batch_size", "3", "--out", str(out)])["metrics"] == full["metrics"]
 
 
+def test_two_processes_give_the_same_predictions(tmp_path, boolq_dir):
+    """accelerate launch with 2 CPU processes: items split, predictions gathered into one file, same as 1 process."""
+    import subprocess
+    import sys
+
+    args = ["--ckpt", "tiny-llama", "--data_dir", boolq_dir, "--tasks", "boolq,openbookqa", "--max_examples", "3",
+            "--num_beams", "1", "--max_new_tokens", "6", "--batch_size", "2"]
+    single = cs.main(args + ["--out", str(tmp_path / "one")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "eval", "commonsense.py"),
+           *args, "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "two")) == ["metrics.json", "predictions.jsonl", "run_config.json"]
+    one = {p["id"]: p["prediction"] for p in read_jsonl(tmp_path / "one" / "predictions.jsonl")}
+    two = {p["id"]: p["prediction"] for p in read_jsonl(tmp_path / "two" / "predictions.jsonl")}
+    assert two == one and len(two) == 6
+    assert json.load(open(tmp_path / "two" / "metrics.json"))["metrics"] == single["metrics"]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # GSM8K
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,6 +300,8 @@ def test_error_missing_checkpoint(tmp_path, boolq_dir):
     with pytest.raises(FileNotFoundError, match="does not exist. Pass --ckpt an adapter directory"):
         cs.main(["--ckpt", str(tmp_path / "no-such-ckpt"), "--data_dir", boolq_dir, "--tasks", "boolq",
                  "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="not a local folder and could not be loaded from the Hub"):
+        inference.load_for_inference("no-such-owner/no-such-model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither adapter_config.json"):
         inference.load_for_inference(str(tmp_path / "empty"))
