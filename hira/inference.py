@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hira.models import resolve_model
+from hira.models import PACKAGED_MODELS, resolve_model
 
 
 logger = logging.getLogger(__name__)
@@ -141,11 +141,19 @@ def load_for_inference(
         if not base:
             raise ValueError(f"{adapter_cfg_path} names no base model; pass it with --base_model.")
         base_path = resolve_model(base)
+        if not base_model and not os.path.exists(base_path) and os.path.basename(base_path) in PACKAGED_MODELS:
+            # trained on a packaged model converted into another machine's cache: use this machine's copy
+            base_path = resolve_model(os.path.basename(base_path))
         if base_model and recorded:
             _check_same_base(resolved, recorded, base_path)
-        model = _load_model(AutoModelForCausalLM, base_path, dtype)
+        try:
+            model = _load_model(AutoModelForCausalLM, base_path, dtype)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} The base model comes from {adapter_cfg_path}; pass --base_model to name "
+                                    "another copy of it.") from err
         try:
             model = PeftModel.from_pretrained(model, resolved)
+            _check_all_adapter_weights_used(model, resolved)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(
                 f"The adapter in {resolved} does not fit the base model {base!r}: it was made for another base model "
@@ -163,6 +171,26 @@ def load_for_inference(
     model.to(device).eval()
     info["dtype"] = str(next(model.parameters()).dtype)
     return LoadedModel(model=model, tokenizer=load_tokenizer(tok_path), info=info)
+
+
+def _check_all_adapter_weights_used(model, adapter_dir: str) -> None:
+    """PEFT only warns when saved adapter tensors find no module (e.g. an adapter for a deeper model of the same
+    width); an evaluation with part of the adapter silently missing would be wrong, so it is an error here."""
+    from peft.utils import get_peft_model_state_dict
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            saved = set(f.keys())
+    elif os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
+        saved = set(torch.load(os.path.join(adapter_dir, "adapter_model.bin"), map_location="cpu", weights_only=True))
+    else:
+        raise ValueError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors / .bin weights")
+    unused = sorted(saved - set(get_peft_model_state_dict(model)))
+    if unused:
+        raise ValueError(f"{len(unused)} adapter tensors match no module of the base model, e.g. {unused[:3]}")
 
 
 def _load_model(auto_cls, path: str, dtype):

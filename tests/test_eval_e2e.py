@@ -345,3 +345,26 @@ def test_error_adapter_for_another_base_model(tmp_path, false_adapter):
     json.dump(cfg, open(moved / "adapter_config.json", "w"))
     with pytest.raises(ValueError, match="does not fit the base model.*made for another base model"):
         inference.load_for_inference(str(moved))
+
+
+def test_error_adapter_for_a_deeper_model_of_the_same_width(tmp_path, tiny, false_adapter):
+    # same shapes, but tensors for a layer the base model does not have: PEFT would only warn; we refuse
+    from safetensors.torch import load_file, save_file
+
+    deeper = tmp_path / "deeper-adapter"
+    shutil.copytree(false_adapter, deeper)
+    tensors = load_file(deeper / "adapter_model.safetensors")
+    extra = {k.replace("layers.1.", "layers.7."): v.clone() for k, v in tensors.items() if "layers.1." in k}
+    save_file(tensors | extra, deeper / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="adapter tensors match no module of the base model.*layers.7"):
+        inference.load_for_inference(str(deeper))
+
+
+def test_adapter_recorded_with_another_machines_cache_path(tmp_path, false_adapter):
+    moved = tmp_path / "adapter-from-elsewhere"
+    shutil.copytree(false_adapter, moved)
+    cfg = json.load(open(moved / "adapter_config.json"))
+    cfg["base_model_name_or_path"] = "/some/other/cache/hira/tiny-llama"
+    json.dump(cfg, open(moved / "adapter_config.json", "w"))
+    loaded = inference.load_for_inference(str(moved))
+    assert loaded.info["merged"] and loaded.info["adapter"] == str(moved)
