@@ -47,8 +47,16 @@ def boolq_dir():
     return os.path.abspath(path)
 
 
+TRAIN_QUESTIONS = [  # BoolQ-style questions in the LLM-Adapters template (the adapter must not depend on shared/)
+    "is the sky blue on a clear day", "can a penguin fly", "is paris the capital of france", "do fish live in water",
+    "is ice colder than steam", "does the moon orbit the earth", "is a tomato a fruit", "can humans breathe underwater",
+    "is gold a metal", "do trees produce oxygen", "is the sun a planet", "does water boil at 100 degrees celsius",
+    "is the pacific the largest ocean", "can a car run without fuel", "is english a language", "do cats bark",
+]
+
+
 @pytest.fixture(scope="module")
-def false_adapter(tiny, tmp_path_factory, boolq_dir):
+def false_adapter(tiny, tmp_path_factory):
     """HiRA adapter (r=8, attention + MLP + lm_head) trained 30 steps to answer 'the correct answer is false'."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -58,8 +66,8 @@ def false_adapter(tiny, tmp_path_factory, boolq_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     model = get_peft_model(model, hira.HiraConfig(r=8, target_modules=targets))
-    with open(os.path.join(boolq_dir, "boolq", "train.json")) as f:
-        prompts = [commonsense_prompt(r["instruction"]) for r in json.load(f)[:16]]
+    prompts = [commonsense_prompt(f"Please answer the following question with true or false, question: {q}?\n\n"
+                                  "Answer format: true/false") for q in TRAIN_QUESTIONS]
     completion = tok("the correct answer is false", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in range(30):
