@@ -272,23 +272,29 @@ def bertscore(preds: list[str], refs: list[list[str]], model: str = "roberta-lar
     """BERTScore P/R/F1 means x100 (no idf, no baseline rescaling; best reference per example)."""
     import bert_score
 
+    from transformers import AutoConfig
+
     path = resolve_bertscore_model(model)
+
+    def unavailable(err):
+        return RuntimeError(
+            f"Could not load the BERTScore model {model!r} ({err}). Offline, pass a local model, e.g. "
+            "`--bertscore_model all-MiniLM-L6-v2` (the packaged copy); the predictions are saved, a rerun only rescores."
+        )
+
     if num_layers is None:
         if path in bert_score.utils.model2layers:
             num_layers = bert_score.utils.model2layers[path]  # roberta-large: 17
-        else:
-            cfg = inference._config_dict(path)
-            if cfg is None or "num_hidden_layers" not in cfg:
-                raise ValueError(f"Pass --bertscore_layers for the BERTScore model {model!r}.")
-            num_layers = cfg["num_hidden_layers"]
+        else:  # any other model: its last layer
+            try:
+                num_layers = AutoConfig.from_pretrained(path).num_hidden_layers
+            except OSError as err:
+                raise unavailable(err) from err
     try:
         P, R, F = bert_score.score(preds, refs, model_type=path, num_layers=num_layers, idf=False, lang="en",
                                    batch_size=batch_size, rescale_with_baseline=False, verbose=False)
     except OSError as err:
-        raise RuntimeError(
-            f"Could not load the BERTScore model {model!r} ({err}). Offline, pass a local model, e.g. "
-            "`--bertscore_model all-MiniLM-L6-v2` (the packaged copy); the predictions are saved, a rerun only rescores."
-        ) from err
+        raise unavailable(err) from err
     return {"bertscore_f1": 100.0 * F.mean().item(), "bertscore_recall": 100.0 * R.mean().item(),
             "bertscore_precision": 100.0 * P.mean().item(), "bertscore_model": model, "bertscore_layers": num_layers}
 

@@ -376,6 +376,11 @@ def test_bertscore_against_hand_computation():
     assert got["bertscore_layers"] == 4
 
 
+def test_bertscore_unreachable_model_names_the_offline_fix():
+    with pytest.raises(RuntimeError, match="--bertscore_model all-MiniLM-L6-v2"):
+        conv.bertscore(["a b"], [["a b"]], "no-such-owner/no-such-bertscore-model")
+
+
 def test_six_column_average_and_table(wordnet):
     _minilm()
     m = conv.compute_metrics(["i sat on a sofa"], [["i sat on a couch"]], "all-MiniLM-L6-v2")
