@@ -8,10 +8,14 @@
 """
 
 from . import _peft_compat
+
+
+_peft_compat.check_peft_version()  # before anything subclasses peft's HiRA classes
+
 from .config import HiraConfig, HiraFamilyType
 from .functional import Factorization, LowRank, Term, hira_linear
 from .model import HiraModel
-from .sb import sb_init  # HiRA-SB initialisation (hira/sb.py)
+from .sb import sb_init  # HiRA-SB initialisation (hira/sb.py)  # noqa: E402
 
 
 _peft_compat.register(HiraConfig, HiraModel, HiraFamilyType.HIRA_FAMILY)

@@ -7,7 +7,10 @@ PEFT's ``register_peft_method`` only accepts names of its closed ``PeftType`` en
   with the fused path once ``import hira`` has run;
 * ``HIRA_FAMILY`` (our own ``str`` enum) is added for the variants, which stock PEFT cannot load.
 
-The dictionaries are not a documented extension API, hence the version guard.
+The dictionaries are not a documented extension API, hence the version guard. The other coupling to PEFT is by
+subclassing: ``hira/layer.py``, ``hira/bnb.py`` and ``hira/model.py`` extend ``peft.tuners.hira``'s public classes
+(same parameter names and state-dict layout as stock HiRA); ``hira/__init__.py`` runs :func:`check_peft_version`
+before importing them.
 """
 
 from __future__ import annotations
