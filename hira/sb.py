@@ -72,6 +72,20 @@ def _guarded_div(G, Rm, eps):
     return G / (sign * Rm.abs().clamp_min(floor))
 
 
+def _release_zero3(params) -> None:
+    """Re-partition ZeRO-3 params that the gradient pass (run outside the DeepSpeed engine's forward/backward) left
+    gathered, so the writes below go through ``GatheredParameters(modifier_rank=0)`` and reach every partition."""
+    params = [p for p in params if _is_zero3_param(p)]
+    if not params:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in params:
+        if p.ds_status == ZeroParamStatus.AVAILABLE:
+            p.ds_active_sub_modules.clear()
+            p.partition()
+
+
 def estimate_full_ft_gradients(
     model,
     batches: Iterable,
@@ -194,6 +208,7 @@ def sb_init(
         model, batches, layers, loss_fn=loss_fn, num_batches=num_batches, progress=progress
     )
     model.train(was_training)
+    _release_zero3(model.parameters())
     report = {}
     for name, layer in tqdm(layers, desc="HiRA-SB: SVD init", disable=not progress):
         G = grads.pop(name)

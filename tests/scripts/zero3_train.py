@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--variant", default="hira", choices=["hira", "sb"], help="sb: HiRA-SB with sb_init before step 0")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -34,7 +35,8 @@ def main():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = get_peft_model(
-        model, hira.HiraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+        model,
+        hira.HiraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], variant=args.variant),
     )
     per_rank, seq = 2, 12
     world = args.world
@@ -42,7 +44,15 @@ def main():
     lr = 0.05
 
     losses = []
+    def sb_batches(rank, world_here):
+        # the gradient estimate sees the first two steps' data (each rank its own slice under ZeRO-3)
+        return [{"input_ids": data[i, rank * per_rank * world // world_here : (rank + 1) * per_rank * world // world_here],
+                 "labels": data[i, rank * per_rank * world // world_here : (rank + 1) * per_rank * world // world_here]}
+                for i in range(2)]
+
     if args.mode == "plain":
+        if args.variant == "sb":
+            hira.sb_init(model, sb_batches(0, 1), progress=False)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         for step in range(args.steps):
             ids = data[step]
@@ -73,6 +83,8 @@ def main():
         }
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        if args.variant == "sb":
+            hira.sb_init(engine.module, sb_batches(rank, world), progress=False)
         # Every weight, base and adapter, is really partitioned outside forward/backward.
         params = list(engine.module.named_parameters())
         partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for _, p in params)
