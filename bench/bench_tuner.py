@@ -69,12 +69,17 @@ DEV = torch.device("cpu")  # --device
 AUTOCAST = None  # --autocast bf16: every variant's forward runs under torch.autocast(DEV, bf16)
 
 
+def _policy(v):
+    """``ours`` = hira.HiraConfig's default half-precision policy; ``oursm`` = "merged"; ``ourss`` = "split"."""
+    return {"oursm": "merged", "ourss": "split"}.get(v)
+
+
 def layer_variants():
-    return LAYER_VARIANTS + (["oursm"] if AUTOCAST else [])
+    return LAYER_VARIANTS + (["oursm", "ourss"] if AUTOCAST else [])
 
 
 def model_variants():
-    return MODEL_VARIANTS + (["oursm"] if AUTOCAST else [])
+    return MODEL_VARIANTS + (["oursm", "ourss"] if AUTOCAST else [])
 
 
 def sync():
@@ -118,6 +123,7 @@ def _ours_hira(model, r, targets, **kw):
     from peft import get_peft_model
     from peft.tuners.hira.layer import Linear as StockLinear
 
+    kw = {k: v for k, v in kw.items() if v is not None}  # None: keep the config default
     tuned = get_peft_model(model, hira.HiraConfig(r=r, target_modules=targets, **kw))
     mods = [m for m in tuned.modules() if isinstance(m, StockLinear)]
     assert mods and all(type(m) is not StockLinear and m.fused for m in mods), "ours must be the fused tuner"
@@ -165,9 +171,9 @@ def build_layer_variants(d_in, d_out, r, variants, seed=0):
             torch.manual_seed(seed + 1)
             m = _stock_hira(m, r, ["lin"])
             _set_hira_factors(m, seed + 2)
-        elif v in ("ours", "oursm"):
+        elif v in ("ours", "oursm", "ourss"):
             torch.manual_seed(seed + 1)
-            m = _ours_hira(m, r, ["lin"], half_precision_forward="merged" if v == "oursm" else "split")
+            m = _ours_hira(m, r, ["lin"], half_precision_forward=_policy(v))
             _set_hira_factors(m, seed + 2)
         out[v] = m.to(DEV)
     return out
@@ -209,9 +215,9 @@ def build_model_variants(name, r, variants, seed=0, cfg=None):
             torch.manual_seed(seed + 1)
             m = _stock_hira(m, r, TARGETS)
             _set_hira_factors(m, seed + 2)
-        elif v in ("ours", "oursm"):
+        elif v in ("ours", "oursm", "ourss"):
             torch.manual_seed(seed + 1)
-            m = _ours_hira(m, r, TARGETS, half_precision_forward="merged" if v == "oursm" else "split")
+            m = _ours_hira(m, r, TARGETS, half_precision_forward=_policy(v))
             _set_hira_factors(m, seed + 2)
         m = m.to(DEV)
         m.train()
@@ -492,7 +498,7 @@ def bench_layer(shapes, tokens, ranks, repeats, results):
                              ("full", "lora"), ("lora", "base"), ("stock", "base")]:
                     cell["ratios"][f"{a}/{b}"] = paired(t, a, b)
                 if AUTOCAST:
-                    for a, b in [("oursm", "lora"), ("oursm", "stock"), ("oursm", "base")]:
+                    for a, b in [(o, c) for o in ("oursm", "ourss") for c in ("lora", "stock", "base")]:
                         cell["ratios"][f"{a}/{b}"] = paired(t, a, b)
                 results["layer"].append(cell)
                 print(f"\n{d_in}->{d_out}, n={n}, r={r}, {repeats} repeats; ours vs stock max rel diff "
@@ -528,7 +534,7 @@ def bench_model(models, r, batch, seq, repeats, results):
             "last_loss": {v: runners[v].last_loss for v in runners},
         }
         for a, b in [("ours", "stock"), ("ours", "lora"), ("stock", "lora"), ("full", "lora"), ("ours", "full")] + (
-                [("oursm", "lora"), ("oursm", "stock")] if AUTOCAST else []):
+                [(o, c) for o in ("oursm", "ourss") for c in ("lora", "stock")] if AUTOCAST else []):
             cell["ratios"][f"{a}/{b}"] = paired(t, a, b)
         results["model"].append(cell)
         print(f"\n{name}: hidden {MODELS[name][0]}, inter {MODELS[name][1]}, {MODELS[name][2]} layers, "
@@ -820,7 +826,7 @@ def main():
     ap.add_argument("--no-malloc-env", action="store_true", help="do not re-exec with the MALLOC_* timing settings")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU: allocator peak instead of RSS)")
     ap.add_argument("--autocast", choices=["bf16"], default=None,
-                    help="run every forward under torch.autocast(bf16); adds variant oursm (half_precision_forward=merged)")
+                    help="run every forward under torch.autocast(bf16); adds variants oursm / ourss (half_precision_forward merged / split; ours = the config default)")
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEV, AUTOCAST
