@@ -198,6 +198,7 @@ def plot(rows: list[Row], out: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     types = sorted({r.module_type for r in rows})
     series = sorted({(r.ckpt, r.kind) for r in rows})
@@ -213,6 +214,7 @@ def plot(rows: list[Row], out: str) -> list[str]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=lab)
             ax.set_title(t, fontsize=9)
             ax.set_xlabel("layer", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=7)
             if metric == "fro2":
                 ax.set_yscale("log")
