@@ -36,15 +36,9 @@ class _QuantMixin(HiraFamilyMixin):
         return self._dequant_oi()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        active = self._adapters_to_apply(self.hira_A.keys())
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        active = self._active(self.hira_A.keys())
-        if not active:
+        if active is None:
             return result
         x_ins = {a: self._dropped(a, x) for a in active}  # one dropout draw per adapter
         terms = []

@@ -140,6 +140,17 @@ class HiraFamilyMixin:
     def _active(self, keys) -> list[str]:
         return [a for a in self.active_adapters if a in keys]
 
+    def _adapters_to_apply(self, keys) -> Optional[list[str]]:
+        """The active adapters to add in forward, or ``None`` when the base layer alone gives the output: adapters
+        disabled (unmerging first if merged), already merged, or none active."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return None
+        if self.merged:
+            return None
+        return self._active(keys) or None
+
     # ---------------------------------------------------------------- merge / unmerge
 
     def _merge(self, safe_merge: bool, adapter_names: Optional[list[str]], available_adapters: set[str]) -> None:
@@ -189,14 +200,8 @@ class Linear(HiraFamilyMixin, stock.Linear):
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active(self.hira_A.keys())
-        if not active:
+        active = self._adapters_to_apply(self.hira_A.keys())
+        if active is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         weight, bias = base.weight, base.bias
@@ -271,15 +276,9 @@ class Embedding(HiraFamilyMixin, stock.Embedding):
         return (B @ A).t()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active(self.hira_embedding_A.keys())
+        active = self._adapters_to_apply(self.hira_embedding_A.keys())
         result = self.base_layer(x, *args, **kwargs)
-        if not active:
+        if active is None:
             return result
         W0 = self.get_base_layer().weight
         rows = self._embed(x, W0)  # (..., dim)
@@ -313,21 +312,16 @@ class _ConvMixin(HiraFamilyMixin):
         return weight
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active(self.hira_A.keys())
-        if not active:
+        active = self._adapters_to_apply(self.hira_A.keys())
+        if active is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         W0 = base.weight
         conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation, "groups": base.groups}
         if base.padding_mode != "zeros":
             raise ValueError(f"HiRA conv layers support padding_mode='zeros' only, got {base.padding_mode!r}.")
-        fold = [a for a in active if self._dropped(a, x) is x]
+        x_ins = {a: self._dropped(a, x) for a in active}  # one dropout draw per adapter
+        fold = [a for a in active if x_ins[a] is x]
         result = None
         if fold:
             M = sum(self._dense_M_autograd(a) for a in fold)
@@ -338,7 +332,7 @@ class _ConvMixin(HiraFamilyMixin):
         for a in active:
             if a in fold:
                 continue
-            x_in = self._dropped(a, x)
+            x_in = x_ins[a]
             M = self._dense_M_autograd(a)
             result = result + self.conv_fn(x_in.to(M.dtype), W0.to(M.dtype) * M, None, **conv).to(result.dtype)
         return result
