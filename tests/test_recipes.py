@@ -370,3 +370,16 @@ def test_recipe_is_model_agnostic(arch, tmp_path):
     # r·(in+out) for q,k,v,up,down: (16+16) + (16+8)·2 + (16+64)·2 per layer, r=4, 2 layers
     assert json.load(open(tmp_path / "out" / "run_summary.json"))["trainable_params"] == 2 * 4 * (32 + 48 + 160)
     assert any(not torch.equal(snap.before[n], snap.after[n]) for n in snap.before)
+
+
+def test_qhira_through_the_recipe(tmp_path):
+    """`--load_in_4bit true`: the base model is loaded in 4 bit (bitsandbytes, runs on the CPU) and HiRA adapts it."""
+    pytest.importorskip("bitsandbytes")
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    snap = Snapshot()
+    trainer = run("commonsense", tiny_args(data, tmp_path / "out", load_in_4bit="true"), callbacks=[snap])
+    assert trainer.state.global_step == 2
+    layers = [m for m in trainer.model.modules() if type(m).__module__ == "hira.bnb"]
+    assert len(layers) == 10, "q,k,v,up,down of both layers must be 4-bit HiRA layers"
+    assert any(not torch.equal(snap.before[n], snap.after[n]) for n in snap.before)
+    assert "adapter_config.json" in os.listdir(tmp_path / "out")
