@@ -170,3 +170,23 @@ def test_gradient_checkpointing(reentrant):
         assert g0.keys() == g1.keys() and len(g0) > 0
         for n in g0:
             torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["merged", "split"])
+def test_fp16_autocast(mode):
+    """fp16 autocast runs the same fused path: output at fp16 resolution, fp32 adapter gradients."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(64, 64)),
+        hira.HiraConfig(r=4, target_modules=["0"], init_weights=False, half_precision_forward=mode),
+    )
+    x = torch.randn(16, 64)
+    y32 = model(x)
+    g32 = torch.autograd.grad(y32.sum(), [p for p in model.parameters() if p.requires_grad])
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = model(x)
+    assert y.dtype == torch.float16
+    assert _rel(y.double(), y32.double()) < 4 * 2**-11
+    g = torch.autograd.grad(y.float().sum(), [p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(g, g32):
+        assert a.dtype == torch.float32 and _rel(a.double(), b.double()) < 1e-2
