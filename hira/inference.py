@@ -267,11 +267,34 @@ def cut_at(text: str, markers: Sequence[str]) -> str:
     return text
 
 
+def _shared_prefill(model, enc, num_beams: int):
+    """Beam search: run the prompt (all but its last token) once per question and hand ``generate`` a cache already
+    repeated for the beams. ``generate`` would otherwise run the whole prompt once per beam (``num_beams``× the
+    prompt compute), which dominates beam search on a CPU. Returns ``None`` when the model's cache cannot be reused
+    this way (``generate`` then does its own prefill)."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if ids.shape[1] < 2 or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    # The positions generate() gives left-padded rows: cumulative count of real tokens.
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
+    cache = out.past_key_values
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(num_beams)
+    return cache
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: Sequence[str], decoding: DecodingConfig) -> list[str]:
     """Generate for one batch of prompts; returns only the new text (special tokens skipped), cut at stop strings."""
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
-    out = model.generate(**enc, **decoding.generate_kwargs(tokenizer))
+    extra = {}
+    if decoding.num_beams > 1:
+        cache = _shared_prefill(model, enc, decoding.num_beams)
+        if cache is not None:
+            extra["past_key_values"] = cache
+    out = model.generate(**enc, **extra, **decoding.generate_kwargs(tokenizer))
     new = out[:, enc["input_ids"].shape[1]:]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [cut_at(t, decoding.stop_strings) for t in texts]
