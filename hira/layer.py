@@ -188,17 +188,6 @@ class HiraFamilyMixin:
 class Linear(HiraFamilyMixin, stock.Linear):
     """HiRA on ``nn.Linear`` and transformers ``Conv1D`` (``fan_in_fan_out``)."""
 
-    def __init__(self, base_layer, adapter_name, config, r=0, fan_in_fan_out=False, is_target_conv_1d_layer=False, **kw):
-        super().__init__(
-            base_layer,
-            adapter_name,
-            config=config,
-            r=r,
-            fan_in_fan_out=fan_in_fan_out,
-            is_target_conv_1d_layer=is_target_conv_1d_layer,
-            **kw,
-        )
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = self._adapters_to_apply(self.hira_A.keys())
         if active is None:
@@ -257,16 +246,12 @@ class Linear(HiraFamilyMixin, stock.Linear):
 class Embedding(HiraFamilyMixin, stock.Embedding):
     """HiRA on ``nn.Embedding``; the lookup touches only the rows of the input tokens (no dense product)."""
 
-    def __init__(self, base_layer, adapter_name, config, r=0, fan_in_fan_out=False, **kw):
-        super().__init__(base_layer, adapter_name, config=config, r=r, fan_in_fan_out=fan_in_fan_out, **kw)
-
     def _factor_params(self, adapter: str):
         return (self.hira_embedding_A[adapter], self.hira_embedding_B[adapter])
 
     def _additive_delta(self, adapter: str, W0: torch.Tensor) -> torch.Tensor:
         # weight layout is (num_embeddings, dim); M = (B·A)ᵀ in that layout
-        A, B = self.hira_embedding_A[adapter].float(), self.hira_embedding_B[adapter].float()
-        return W0.float() * (B @ A).t()
+        return W0.float() * self.get_delta_weight(adapter)
 
     def _weight_oi(self, weight):  # embeddings keep their (num_embeddings, dim) layout everywhere
         return weight
@@ -303,7 +288,7 @@ class _ConvMixin(HiraFamilyMixin):
         return super().update_layer(adapter_name, r, config=config, **kwargs)
 
     def _dense_M(self, adapter: str) -> torch.Tensor:
-        return stock._ConvNd.get_delta_weight(self, adapter).float()
+        return self.get_delta_weight(adapter).float()  # stock _ConvNd's (B·A as a conv kernel)
 
     def _additive_delta(self, adapter, W0):
         return W0.float() * self._dense_M(adapter)
@@ -324,7 +309,7 @@ class _ConvMixin(HiraFamilyMixin):
         fold = [a for a in active if x_ins[a] is x]
         result = None
         if fold:
-            M = sum(self._dense_M_autograd(a) for a in fold)
+            M = sum(self.get_delta_weight(a) for a in fold)
             W_eff = (W0.to(M.dtype) * (1 + M)).to(x.dtype)
             result = self.conv_fn(x, W_eff, base.bias, **conv)
         else:
@@ -333,30 +318,21 @@ class _ConvMixin(HiraFamilyMixin):
             if a in fold:
                 continue
             x_in = x_ins[a]
-            M = self._dense_M_autograd(a)
+            M = self.get_delta_weight(a)
             result = result + self.conv_fn(x_in.to(M.dtype), W0.to(M.dtype) * M, None, **conv).to(result.dtype)
         return result
 
-    def _dense_M_autograd(self, adapter):
-        return stock._ConvNd.get_delta_weight(self, adapter)
-
-    def get_delta_weight(self, adapter) -> torch.Tensor:
-        return stock._ConvNd.get_delta_weight(self, adapter)
-
 
 class Conv1d(_ConvMixin, stock.Conv1d):
-    def __init__(self, base_layer, adapter_name, config, r=0, **kw):
-        super().__init__(base_layer, adapter_name, config=config, r=r, **kw)
+    pass
 
 
 class Conv2d(_ConvMixin, stock.Conv2d):
-    def __init__(self, base_layer, adapter_name, config, r=0, **kw):
-        super().__init__(base_layer, adapter_name, config=config, r=r, **kw)
+    pass
 
 
 class Conv3d(_ConvMixin, stock.Conv3d):
-    def __init__(self, base_layer, adapter_name, config, r=0, **kw):
-        super().__init__(base_layer, adapter_name, config=config, r=r, **kw)
+    pass
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, hira_config, **kwargs) -> Optional[nn.Module]:
