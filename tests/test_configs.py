@@ -1,25 +1,17 @@
 """Every recipe YAML parses with its recipe's TrlParser on the pinned stack, holds the paper's setting, and rejects
 unknown keys; CLI flags override YAML keys."""
 
-import importlib.util
 import os
 
 import pytest
 import yaml
+from repo_scripts import ROOT, load_script
 
 
 # The YAMLs hold the GPU setting (bf16); on this CPU-only CI, bf16 needs --use_cpu or TrainingArguments refuses it.
 CPU = ["--use_cpu", "true"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ("commonsense", "metamath", "convai2")
 EPOCHS = {"commonsense": 3, "metamath": 2, "convai2": 1}
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def recipe_yamls():
@@ -37,7 +29,7 @@ def test_every_recipe_has_its_yaml():
 @pytest.mark.parametrize("path", recipe_yamls(), ids=os.path.basename)
 def test_yaml_parses_with_paper_setting(path):
     name = os.path.splitext(os.path.basename(path))[0].split(".")[0]
-    recipe = load_recipe(name)
+    recipe = load_script("recipes", name)
     script_args, training_args, model_args, hira_args = recipe.make_parser().parse_args_and_config(["--config", path, *CPU])
     assert hira_args.method == "hira"
     assert hira_args.hira_r in (16, 32)
@@ -59,7 +51,7 @@ def test_yaml_parses_with_paper_setting(path):
 def test_default_config_is_injected_and_cli_overrides(name):
     from hira.recipe import with_default_config
 
-    recipe = load_recipe(name)
+    recipe = load_script("recipes", name)
     argv = with_default_config(recipe.__file__, ["--hira_r", "8", "--method", "lora", "--learning_rate", "3e-4", *CPU])
     assert argv[:2] == ["--config", os.path.join(ROOT, "recipes", f"{name}.yaml")]
     _, training_args, _, hira_args = recipe.make_parser().parse_args_and_config(argv)
@@ -70,7 +62,7 @@ def test_default_config_is_injected_and_cli_overrides(name):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_unknown_yaml_key_is_an_error(name, tmp_path):
-    recipe = load_recipe(name)
+    recipe = load_script("recipes", name)
     with open(os.path.join(ROOT, "recipes", f"{name}.yaml")) as f:
         config = yaml.safe_load(f)
     config["hira_rank"] = 8  # a typo of hira_r
@@ -81,7 +73,7 @@ def test_unknown_yaml_key_is_an_error(name, tmp_path):
 
 
 def test_unknown_cli_flag_is_an_error():
-    recipe = load_recipe("commonsense")
+    recipe = load_script("recipes", "commonsense")
     path = os.path.join(ROOT, "recipes", "commonsense.yaml")
     with pytest.raises((ValueError, SystemExit)):
         recipe.make_parser().parse_args_and_config(["--config", path, *CPU, "--lora_rank", "8"])
@@ -111,7 +103,7 @@ def test_hira_kwargs_pass_through_to_the_config():
 
 
 def test_yaml_mapping_for_hira_kwargs(tmp_path):
-    recipe = load_recipe("commonsense")
+    recipe = load_script("recipes", "commonsense")
     with open(os.path.join(ROOT, "recipes", "commonsense.yaml")) as f:
         config = yaml.safe_load(f)
     config["hira_kwargs"] = {"fused": False}

@@ -5,7 +5,6 @@ HiRA JSON formats. A HiRA adapter trained for a few steps to always answer "the 
 known BoolQ accuracy (the share of `false` golds).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,21 +16,14 @@ import hira
 from hira import inference
 from hira.models import resolve_model
 from hira.prompts import commonsense_prompt
+from repo_scripts import ROOT, load_script
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_eval(name):
-    spec = importlib.util.spec_from_file_location(f"hira_eval_{name}", os.path.join(ROOT, "eval", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = load_eval("commonsense")
-gsm = load_eval("gsm8k")
-conv = load_eval("convai2")
+cs = load_script("eval", "commonsense")
+gsm = load_script("eval", "gsm8k")
+conv = load_script("eval", "convai2")
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,18 @@
 Pure functions only: no model is loaded. The eval scripts are loaded by path (``eval`` is not a package).
 """
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
+from repo_scripts import load_script
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_eval(name):
-    spec = importlib.util.spec_from_file_location(f"hira_eval_{name}", os.path.join(ROOT, "eval", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cs = load_eval("commonsense")
-gsm = load_eval("gsm8k")
+cs = load_script("eval", "commonsense")
+gsm = load_script("eval", "gsm8k")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,7 +237,7 @@ def test_gsm8k_real_golds(shared_data):
 # ConvAI2 data and metrics (§D)
 # --------------------------------------------------------------------------------------------------------------------
 
-conv = load_eval("convai2")
+conv = load_script("eval", "convai2")
 
 
 def nmt_bleu(preds, refs, max_order=4):

@@ -7,8 +7,6 @@
 * a 2-process DeepSpeed ZeRO-3 run under `accelerate launch` (gloo) logs the same losses as one process.
 """
 
-import copy
-import importlib.util
 import json
 import math
 import os
@@ -21,8 +19,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from repo_scripts import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full")
 # Method for the ZeRO-3 test. HiRA under ZeRO-3 with partitioned small weights still fails in the tuner
 # ("Cannot free a ZeRO-3 parameter while it is still active"); switch to "hira" once it supports it.
@@ -56,13 +55,6 @@ CONVAI2_ROWS = [
 ROWS = {"commonsense": COMMONSENSE_ROWS, "metamath": METAMATH_ROWS, "convai2": CONVAI2_ROWS}
 
 
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_json(path, rows):
     with open(path, "w") as f:
         json.dump(rows, f)
@@ -83,7 +75,7 @@ def tiny_args(data, out, method="hira", **overrides):
 
 
 def run(recipe_name, argv, callbacks=None):
-    recipe = load_recipe(recipe_name)
+    recipe = load_script("recipes", recipe_name)
     parsed = recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, argv))
     return recipe.main(*parsed, callbacks=callbacks)
 
