@@ -153,22 +153,14 @@ def resolve_resume(value: str | bool | None) -> str | bool | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def hira_config_class():
-    """The HiRA config class: this package's registered tuner when it is there, else stock ``peft.HiraConfig``."""
-    import hira
-
-    cls = getattr(hira, "HiraConfig", None)
-    if cls is None:
-        from peft import HiraConfig as cls  # plain HiRA only; variants need the package's tuner
-    return cls
-
-
 def build_peft_config(hira_args: HiraArguments, model_args: Any = None, hidden_size: int | None = None):
     """The PEFT config for ``hira_args.method`` (``None`` for full fine-tuning)."""
     method = hira_args.method
     targets = hira_args.hira_target_modules
     if method == "hira":
-        cls = hira_config_class()
+        import hira
+
+        cls = hira.HiraConfig
         kwargs = dict(r=hira_args.hira_r, target_modules=targets, hira_dropout=hira_args.hira_dropout)
         if hira_args.hira_variant is not None:
             kwargs["variant"] = hira_args.hira_variant
@@ -208,14 +200,19 @@ def build_peft_config(hira_args: HiraArguments, model_args: Any = None, hidden_s
     return None  # full fine-tuning
 
 
-def model_module_names(model_name_or_path: str, trust_remote_code: bool = False) -> tuple[dict[str, str], Any]:
-    """Module name -> class name of the model, built on the meta device (no weights read), and its config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_module_names(config, trust_remote_code: bool = False) -> dict[str, str]:
+    """Module name -> class name of the model described by ``config``, built on the meta device (no weights read)."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {name: type(mod).__name__ for name, mod in model.named_modules()}, config
+    return {name: type(mod).__name__ for name, mod in model.named_modules()}
+
+
+def missing_targets(targets: list[str], module_names) -> list[str]:
+    """Targets no module name matches under PEFT's rule for a list: the exact name or a ``.<target>`` suffix."""
+    names = list(module_names)
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 def check_target_modules(targets: list[str] | str, modules: dict[str, str], model_name: str) -> None:
@@ -223,7 +220,7 @@ def check_target_modules(targets: list[str] | str, modules: dict[str, str], mode
     matches, so a typo next to valid names would silently adapt fewer layers)."""
     if isinstance(targets, str):  # a regex or "all-linear": PEFT validates it
         return
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    missing = missing_targets(targets, modules)
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, c in modules.items() if c in ("Linear", "Conv1D", "Embedding")})
         raise ValueError(
@@ -239,7 +236,7 @@ def check_adapted_modules(model, targets: list[str] | str, model_name: str) -> N
     if isinstance(targets, str):
         return
     adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adapted)]
+    missing = missing_targets(targets, adapted)
     if missing:
         raise ValueError(f"Target module(s) {missing} not found in {model_name}: nothing was adapted for them.")
 
@@ -464,12 +461,12 @@ def run_recipe(
     from transformers import AutoConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    config = AutoConfig.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
     low_rank = hira_args.method in ("hira", "lora", "dora")
     if low_rank and not is_deepspeed_zero3_enabled():
         # Fail before the weights load (minutes for an 8B model); under ZeRO-3 the check runs after loading instead.
-        modules, _ = model_module_names(model_name, training_args.trust_remote_code)
+        modules = model_module_names(config, training_args.trust_remote_code)
         check_target_modules(hira_args.hira_target_modules, modules, model_args.model_name_or_path)
-    config = AutoConfig.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
     model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
     if model_args.attn_implementation is not None:
         model_init_kwargs["attn_implementation"] = model_args.attn_implementation

@@ -20,6 +20,7 @@ Everything is written under --out (default runs/offline_default).
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -109,11 +110,17 @@ def build_data(task: str, out_dir: str, n_train: int, n_test: int, seed: int) ->
     return data_dir, baselines
 
 
-def evaluate(task: str, ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
-    spec = importlib.util.spec_from_file_location("eval_commonsense", os.path.join(ROOT, "eval", "commonsense.py"))
+@functools.cache
+def load_script(folder: str, name: str):
+    """``eval/commonsense.py`` and ``recipes/commonsense.py`` are scripts, not a package: load them by path (once)."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    summary = module.main(
+    return module
+
+
+def evaluate(task: str, ckpt: str, data_dir: str, out: str, batch_size: int) -> float:
+    summary = load_script("eval", "commonsense").main(
         ["--ckpt", ckpt, "--data_dir", data_dir, "--tasks", task, "--num_beams", "1", "--max_new_tokens", "8",
          "--batch_size", str(batch_size), "--dtype", "float32", "--out", out, "--overwrite"]
     )
@@ -154,9 +161,7 @@ def main(argv=None):
     timings["eval_untuned_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    spec = importlib.util.spec_from_file_location("recipe_commonsense", os.path.join(ROOT, "recipes", "commonsense.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_script("recipes", "commonsense")
     adapter_dir = os.path.join(args.out, "adapter")
     recipe.main(*recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, [
         "--model_name_or_path", args.model, "--dtype", "float32",
