@@ -136,21 +136,31 @@ def _lora(model, r, targets):
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets))
 
 
-def _set_hira_factors(model, seed, b_std=0.02):
-    """Give every HiRA B a nonzero value (same values for stock and ours): B=0 hides bugs and is atypical mid-training."""
+def _set_B(model, key, seed, b_std=0.02):
+    """Give every B factor (``key``: "hira_B" or "lora_B") a nonzero value, the same for stock and ours: B = 0 hides
+    bugs and is atypical mid-training."""
     g = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
-        if "hira_B" in name:
+        if key in name:
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * b_std)
 
 
-def _set_lora_B(model, seed, b_std=0.02):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if "lora_B" in name:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * b_std)
+def _adapt(m, v, r, targets, seed):
+    """Wrap ``m`` for adapter variant ``v`` (lora / stock / ours*) with the same seeds in the layer and model benches."""
+    torch.manual_seed(seed + 1)
+    if v == "lora":
+        m = _lora(m, r, targets)
+        _set_B(m, "lora_B", seed + 2)
+    elif v == "stock":
+        m = _stock_hira(m, r, targets)
+        _set_B(m, "hira_B", seed + 2)
+    elif v in ("ours", "oursm", "ourss"):
+        m = _ours_hira(m, r, targets, half_precision_forward=_policy(v))
+        _set_B(m, "hira_B", seed + 2)
+    else:
+        raise ValueError(f"unknown variant {v!r}")
+    return m
 
 
 def build_layer_variants(d_in, d_out, r, variants, seed=0):
@@ -163,18 +173,8 @@ def build_layer_variants(d_in, d_out, r, variants, seed=0):
             m.requires_grad_(False)
         elif v == "full":
             m.requires_grad_(True)
-        elif v == "lora":
-            torch.manual_seed(seed + 1)
-            m = _lora(m, r, ["lin"])
-            _set_lora_B(m, seed + 2)
-        elif v == "stock":
-            torch.manual_seed(seed + 1)
-            m = _stock_hira(m, r, ["lin"])
-            _set_hira_factors(m, seed + 2)
-        elif v in ("ours", "oursm", "ourss"):
-            torch.manual_seed(seed + 1)
-            m = _ours_hira(m, r, ["lin"], half_precision_forward=_policy(v))
-            _set_hira_factors(m, seed + 2)
+        else:
+            m = _adapt(m, v, r, ["lin"], seed)
         out[v] = m.to(DEV)
     return out
 
@@ -207,18 +207,8 @@ def build_model_variants(name, r, variants, seed=0, cfg=None):
         m = copy.deepcopy(base)
         if v == "full":
             m.requires_grad_(True)
-        elif v == "lora":
-            torch.manual_seed(seed + 1)
-            m = _lora(m, r, TARGETS)
-            _set_lora_B(m, seed + 2)
-        elif v == "stock":
-            torch.manual_seed(seed + 1)
-            m = _stock_hira(m, r, TARGETS)
-            _set_hira_factors(m, seed + 2)
-        elif v in ("ours", "oursm", "ourss"):
-            torch.manual_seed(seed + 1)
-            m = _ours_hira(m, r, TARGETS, half_precision_forward=_policy(v))
-            _set_hira_factors(m, seed + 2)
+        else:
+            m = _adapt(m, v, r, TARGETS, seed)
         m = m.to(DEV)
         m.train()
         out[v] = m
