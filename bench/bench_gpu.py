@@ -26,7 +26,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F

@@ -7,11 +7,9 @@ to bf16 (merged-weight precision). These tests measure both against an fp64 refe
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 

@@ -8,7 +8,6 @@ checkpoint. The dense references below are written from the math, not from hira/
 from __future__ import annotations
 
 import copy
-import math
 import subprocess
 import sys
 import textwrap

@@ -10,7 +10,6 @@ sequences and the mean loss, its gradient equals ZeRO-3's averaged gradient, so 
 
 import argparse
 import json
-import os
 
 import torch
 
