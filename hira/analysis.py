@@ -29,14 +29,14 @@ import csv
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ._names import layer_index
+
 
 METRICS = ("num_rank", "n_above", "fro2", "eff_rank")
-_IDX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
@@ -88,13 +88,15 @@ def iter_adapter_deltas(peft_model, adapter: str = "default", device=None):
     """Yield ``(module_name, ΔW (out×in, fp32, on device), W0 (out×in), r)`` for every adapted layer, one at a time."""
     from peft.tuners.lora import LoraLayer
 
-    from .layer import HiraFamilyMixin, gather_ctx
+    from . import _zero3
+    from .layer import HiraFamilyMixin
 
     for name, mod in peft_model.named_modules():
         if isinstance(mod, HiraFamilyMixin) and adapter in mod.r:
-            with gather_ctx([mod.get_base_layer().weight]):
-                W0 = mod._original_weight_oi().detach().float().to(device).clone()
-                dW = mod._additive_delta(adapter, W0).to(device)
+            with _zero3.gather(mod._gather_params([adapter]), site="read"):
+                W0 = mod._original_weight_oi().detach().float().clone()
+                dW = mod._additive_delta(adapter, W0).float().to(device)
+                W0 = W0.to(device)
             yield _module_key(name), dW, W0, mod.r[adapter]
         elif isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {}):
             W = mod.get_base_layer().weight
@@ -106,13 +108,12 @@ def iter_adapter_deltas(peft_model, adapter: str = "default", device=None):
 
 
 def _row(ckpt, kind, module, r, shape, m):
-    idx = _IDX.search("." + module + ".")
     return Row(
         ckpt=ckpt,
         kind=kind,
         module=module,
         module_type=module.rsplit(".", 1)[-1],
-        layer=int(idx.group(1)) if idx else -1,
+        layer=layer_index(module),
         shape=tuple(shape),
         r=r,
         **m,

@@ -1,9 +1,14 @@
 """QHiRA: HiRA on bitsandbytes 8-bit / 4-bit base layers.
 
 The quantised layer computes the base output; the adapter term ``dropout(x)·(W0 ⊙ M)ᵀ`` uses W0 dequantised on the
-fly (in forward and again in backward: the dequantised d×k matrix is never kept between the two). Merge dequantises,
-adds ``W0 ⊙ M`` and re-quantises; unmerge restores the original quantised weight object exactly (no division by
-``1 + B·A``, no second round of quantisation error).
+fly (in forward and again in backward: the dequantised d×k matrix is never kept between the two). Merge dequantises
+the *original* quantised W0, adds ``ΣΔW`` of every merged adapter and quantises once; unmerge restores the original
+quantised weight object exactly (no division by ``1 + B·A``, no second round of quantisation error).
+
+bitsandbytes' CPU fast path for 4-bit (AVX512-BF16 machines) repacks the weight in place the first time the layer
+runs in eval mode; the packed layout is not the one its dequantisation reads, so a HiRA-wrapped layer keeps the
+standard layout (the repacking is switched off on the wrapped layer, and a weight packed before wrapping is
+unpacked with bitsandbytes' own inverse).
 """
 
 from __future__ import annotations
@@ -13,26 +18,40 @@ from typing import Any, Optional
 
 import bitsandbytes as bnb
 import torch
-import importlib
 
-stock_bnb = importlib.import_module("peft.tuners.hira.bnb")
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.integrations import dequantize_bnb_weight
-
+from ._peft_compat import BaseTunerLayer, check_adapters_to_merge, stock_bnb
 from .functional import hira_linear
 from .layer import HiraFamilyMixin
 
 
+def _dequantize(weight, scb=None) -> torch.Tensor:
+    """Float32 copy of a bitsandbytes weight: ``Params4bit`` with its quant_state, or int8 data with scales ``scb``."""
+    if isinstance(weight, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if weight.data.dtype != torch.int8:  # 8-bit layer not quantised yet (it quantises on its first forward/.to)
+        return weight.data.float()
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.data.device)).float()
+
+
 class _QuantMixin(HiraFamilyMixin):
-    def _dequant_oi(self) -> torch.Tensor:
+    _hira_quant_original = None  # (weight, CB, SCB) of the quantised W0 while merged
+
+    def _scales(self):
+        """Current 8-bit row scales (``None`` for 4-bit)."""
         base = self.get_base_layer()
-        weight = base.weight
-        state = getattr(weight, "quant_state", None) if isinstance(weight, bnb.nn.Params4bit) else base.state
-        if not isinstance(weight, bnb.nn.Params4bit) and state.SCB is None:
-            state.SCB = weight.SCB
-        return dequantize_bnb_weight(weight, state=state).float()
+        if isinstance(base.weight, bnb.nn.Params4bit):
+            return None
+        state = base.state
+        return state.SCB if state.SCB is not None else base.weight.SCB
+
+    def _dequant_oi(self) -> torch.Tensor:
+        """The current base weight, dequantised (out, in), fp32."""
+        return _dequantize(self.get_base_layer().weight, self._scales())
 
     def _original_weight_oi(self) -> torch.Tensor:
+        if self.merged and self._hira_quant_original is not None:
+            weight, _, scb = self._hira_quant_original
+            return _dequantize(weight, scb)
         return self._dequant_oi()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -40,15 +59,18 @@ class _QuantMixin(HiraFamilyMixin):
         result = self.base_layer(x, *args, **kwargs)
         if active is None:
             return result
+        fused, dense = self._split_by_path(active)
         x_ins = {a: self._dropped(a, x) for a in active}  # one dropout draw per adapter
         terms = []
-        for a in active:
+        for a in fused:
             term = self._adapter_term(a, x_ins[a])
             if term.modulator is None:
                 term.modulator = self._dequant_oi
             terms.append(term)
-        y = hira_linear(x, None, None, terms, include_base=False, half_mode=self.half_precision_forward)
-        result = result + y.to(result.dtype)
+        if terms:
+            result = result + hira_linear(x, None, None, terms, include_base=False).to(result.dtype)
+        for a in dense:
+            result = result + self._dense_delta(a, x_ins[a]).to(result.dtype)
         for a in active:
             extra = self._extra_output(a, x_ins[a])
             if extra is not None:
@@ -61,15 +83,15 @@ class _QuantMixin(HiraFamilyMixin):
             return
         warnings.warn("Merging HiRA into a quantised layer re-quantises the weight; outputs change by rounding.")
         base = self.get_base_layer()
-        W0 = self._dequant_oi()
+        W0 = self._original_weight_oi()
         merged = W0.clone()
-        for a in adapter_names:
-            merged += self._additive_delta(a, W0)
+        for a in list(self.merged_adapters) + adapter_names:
+            merged += self._additive_delta(a, W0).to(merged.dtype)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"Non-finite values in the merged weight of adapter(s) {adapter_names}; nothing merged.")
         if not self.merged:
             state = getattr(base, "state", None)  # 8-bit: the int8 matrix (CB) and its scales (SCB) live here
-            self._quant_original = (base.weight, getattr(state, "CB", None), getattr(state, "SCB", None))
+            self._hira_quant_original = (base.weight, getattr(state, "CB", None), self._scales())
         self._requantize(merged)
         self.merged_adapters.extend(adapter_names)
 
@@ -78,16 +100,16 @@ class _QuantMixin(HiraFamilyMixin):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        weight, cb, scb = self._quant_original
+        weight, cb, scb = self._hira_quant_original
         base.weight = weight
         if hasattr(base, "state"):
             base.state.reset_grads()  # clears CB/SCB too: restore the original int8 matrix and scales afterwards
             base.state.CB, base.state.SCB = cb, scb
-        self._quant_original = None
+        self._hira_quant_original = None
         self.merged_adapters.clear()
 
 
-class Linear8bitLt(_QuantMixin, stock_bnb.Linear8bitLt):
+class Linear8bitLt(_QuantMixin, stock_bnb().Linear8bitLt):
     def _requantize(self, w: torch.Tensor) -> None:
         base = self.get_base_layer()
         old = base.weight
@@ -98,14 +120,29 @@ class Linear8bitLt(_QuantMixin, stock_bnb.Linear8bitLt):
         base.state.reset_grads()
 
 
-class Linear4bit(_QuantMixin, stock_bnb.Linear4bit):
+class Linear4bit(_QuantMixin, stock_bnb().Linear4bit):
+    def _check_supported(self, config) -> None:
+        _standard_4bit_layout(self.get_base_layer())
+
     def _requantize(self, w: torch.Tensor) -> None:
         base = self.get_base_layer()
         old = base.weight
         kw = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k not in ("data", "quant_state")}
         kw["requires_grad"] = False
         kw["bnb_quantized"] = False
-        base.weight = bnb.nn.Params4bit(w.to(old.dtype if old.dtype.is_floating_point else torch.float32).to("cpu"), **kw).to(old.device)
+        dtype = old.dtype if old.dtype.is_floating_point else torch.float32
+        base.weight = bnb.nn.Params4bit(w.to(dtype).to("cpu"), **kw).to(old.device)
+
+
+def _standard_4bit_layout(base) -> None:
+    """Keep a 4-bit weight in the layout ``dequantize_4bit`` reads (see the module docstring)."""
+    if getattr(base, "support_avx512bf16_for_cpu", False):
+        base.support_avx512bf16_for_cpu = False
+    state = getattr(base.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
 
 
 def dispatch_bnb_8bit(target: torch.nn.Module, adapter_name: str, hira_config, **kwargs):

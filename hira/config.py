@@ -16,8 +16,8 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
-from peft import HiraConfig as _StockHiraConfig
-from peft.utils import PeftType
+from ._peft_compat import PeftType
+from ._peft_compat import StockHiraConfig as _StockHiraConfig
 
 
 class HiraFamilyType(str, enum.Enum):
@@ -28,8 +28,6 @@ class HiraFamilyType(str, enum.Enum):
 
 # Fields whose non-default value changes the adapter's math (they make a checkpoint a "family" checkpoint).
 _VARIANT_DEFAULTS: dict[str, object] = {"variant": "hira", "modulator": "weight"}
-# Fields that only choose how the math is computed.
-_RUNTIME_FIELDS = ("fused", "half_precision_forward")
 
 
 @dataclass
@@ -88,12 +86,14 @@ class HiraConfig(_StockHiraConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Validate the fields and derive ``peft_type`` from them. Runs at construction, when the tuner injects the
+        adapter and when the config is saved, so a field edited after construction (``cfg.modulator = "random"``)
+        is checked and saved as what it is (``HIRA_FAMILY``), never as plain HiRA."""
         self._validate_family()
         self.peft_type = PeftType.HIRA if self.is_plain_hira else HiraFamilyType.HIRA_FAMILY
-
-    # Variant modules extend these checks.
-    _valid_variants = ("hira", "hilora", "bhra", "sb")  # HiRA-family variants: hira/variants.py
-    _valid_modulators = ("weight", "random", "lowrank", "smooth")
 
     def _validate_family(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -101,10 +101,6 @@ class HiraConfig(_StockHiraConfig):
         for name, rank in (self.rank_pattern or {}).items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}.")
-        if self.variant not in self._valid_variants:
-            raise ValueError(f"Unknown HiRA variant {self.variant!r}; choose one of {list(self._valid_variants)}.")
-        if self.modulator not in self._valid_modulators:
-            raise ValueError(f"Unknown modulator {self.modulator!r}; choose one of {list(self._valid_modulators)}.")
         if self.half_precision_forward not in ("split", "merged"):
             raise ValueError(
                 f"half_precision_forward must be 'split' or 'merged', got {self.half_precision_forward!r}."
@@ -126,6 +122,7 @@ class HiraConfig(_StockHiraConfig):
         return variant_fields_default(self)
 
     def to_dict(self):
+        self.refresh()
         d = super().to_dict()
         if self.is_plain_hira:
             # A plain-HiRA checkpoint is a stock-PEFT checkpoint: write the stock schema only.

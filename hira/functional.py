@@ -1,25 +1,31 @@
-"""The fused HiRA linear: ``y = x·(W0 + R ⊙ M)ᵀ + b`` as one autograd Function that saves no d×k tensor.
+"""The fused HiRA layer: ``y = op(x, W0 + R ⊙ M) + b`` as one autograd Function that saves no d×k tensor.
 
-Notation: ``W0`` is the frozen base weight (out×in), ``M`` the dense modulation built from small factors (plain HiRA:
-``M = B·A``), ``R`` the fixed modulator (plain HiRA: ``R = W0``). Stock PEFT computes ``base(x) + x·(W0⊙BA)ᵀ``: two
-full-size GEMMs forward, three backward, and autograd keeps the dense ``W0⊙BA`` alive until backward. Here:
+Notation: ``W0`` is the frozen base weight, ``M`` the dense modulation built from small factors (plain HiRA:
+``M = B·A``), ``R`` the fixed modulator (plain HiRA: ``R = W0``), ``op`` the layer's operation (a linear map, or a
+convolution). Stock PEFT computes ``base(x) + op(x, W0⊙BA)``: two full-size GEMMs forward, three backward, and autograd
+keeps the dense ``W0⊙BA`` alive until backward. Here:
 
-* forward, one GEMM on ``W_eff = W0 + R⊙M`` (two GEMMs in half precision under the ``"split"`` policy, below);
+* forward, one GEMM on ``W_eff = W0 + R⊙M`` (plus one per term under the ``"split"`` half-precision policy, below);
 * backward, ``grad_x = g·W_eff`` (one GEMM, ``W_eff`` recomputed), ``G = gᵀ·x`` (the weight-gradient GEMM every exact
   HiRA needs), ``dL/dM = R ⊙ G``, then the factorization maps ``dL/dM`` to its factors (plain: ``grad_B = dM·Aᵀ``,
   ``grad_A = Bᵀ·dM``);
 * only ``x`` (and, with dropout, ``dropout(x)``) plus the parameters are saved for backward; ``W_eff`` and ``G`` are
   transient.
 
-Half-precision policy (bf16/fp16 compute, e.g. under autocast):
+Compute dtype: under autocast, the autocast dtype; otherwise the widest of the input's and the adapter factors'
+dtypes (PyTorch type promotion). A bf16 model with fp32 adapters and no autocast therefore computes the adapter
+math, and its gradients, in fp32, as stock PEFT does by casting the input to the adapter dtype. The output has the
+autocast dtype under autocast and the input's dtype otherwise (what the base layer returns).
 
-* ``"merged"`` (default): one GEMM on ``W_eff`` rounded to half precision, i.e. the precision a merged
-  half-precision model has at inference, and the HiRA authors' own implementation (``F.linear(x, W0 ⊙ (1 + BA))``).
-  Entries of ``M`` below the half-precision resolution of ``1 + M`` (≈2⁻⁹ for bf16) are invisible in the forward.
-  3 GEMMs.
-* ``"split"``: the forward keeps the update at half-precision *relative* resolution, exactly like stock PEFT, by
-  computing ``x·W0ᵀ + x·(R⊙M)ᵀ`` (two GEMMs); the backward stays one GEMM for ``grad_x``. 4 GEMMs instead of PEFT's
-  5, no saved d×k.
+Half-precision policy (per term; only when the compute dtype is bf16/fp16, e.g. under autocast):
+
+* ``"merged"`` (default): the term is folded into the one GEMM on ``W_eff`` rounded to half precision, i.e. the
+  precision a merged half-precision model has at inference, and the HiRA authors' own implementation
+  (``F.linear(x, W0 ⊙ (1 + BA))``). Entries of ``M`` below the half-precision resolution of ``1 + M`` (≈2⁻⁹ for
+  bf16) are invisible in the forward.
+* ``"split"``: the forward keeps the term's update at half-precision *relative* resolution, exactly like stock PEFT,
+  with its own GEMM ``x·(R⊙M)ᵀ`` next to the base GEMM. The backward is the same in both policies (one GEMM for
+  ``grad_x`` on ``W_eff``, one weight-gradient GEMM shared by the folded terms).
 
 Dropout on the adapter input is exact: terms whose input is ``dropout(x)`` rather than ``x`` get their own delta
 GEMM (``dropout(x)·(R⊙M)ᵀ``), while the base GEMM sees ``x``.
@@ -27,6 +33,7 @@ GEMM (``dropout(x)·(R⊙M)ᵀ``), while the base GEMM sees ``x``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,14 +56,25 @@ class Factorization:
 
 
 class LowRank(Factorization):
-    """Plain HiRA: ``M = B·A`` with params ``(A, B)``, A r×in, B out×r."""
+    """Plain HiRA: ``M = B·A`` with params ``(A, B)``, A r×in, B out×r.
+
+    Convolution factors (PEFT's layout: A ``(r, in, *kernel)``, B ``(out, r, 1, ...)``) are the same product on
+    flattened views, ``M = (B.view(out, r) @ A.view(r, -1)).view(out, in, *kernel)``, for every kernel shape."""
 
     def dense(self, A, B):
-        return B @ A
+        if A.dim() == 2:
+            return B @ A
+        return (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(B.shape[0], *A.shape[1:])
 
     def backward(self, grad_M, A, B):
-        gA = B.t() @ grad_M if A.requires_grad else None
-        gB = grad_M @ A.t() if B.requires_grad else None
+        if A.dim() == 2:
+            gA = B.t() @ grad_M if A.requires_grad else None
+            gB = grad_M @ A.t() if B.requires_grad else None
+            return gA, gB
+        g2 = grad_M.reshape(grad_M.shape[0], -1)
+        B2, A2 = B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1)
+        gA = (B2.t() @ g2).reshape(A.shape) if A.requires_grad else None
+        gB = (g2 @ A2.t()).reshape(B.shape) if B.requires_grad else None
         return gA, gB
 
 
@@ -65,39 +83,102 @@ LOW_RANK = LowRank()
 
 @dataclass
 class Term:
-    """One adapter contribution ``x_in·(R⊙M)ᵀ``.
+    """One adapter contribution ``op(x_in, R⊙M)``.
 
     ``x_in`` is the layer input or a dropped-out copy; ``modulator`` is ``None`` (R = W0) or a zero-argument callable
-    returning R (out×in), called again in backward instead of saving a dense tensor (bitsandbytes dequantisation,
-    a regenerated random modulator, ...).
+    returning R (weight layout), called again in backward instead of saving a dense tensor (bitsandbytes
+    dequantisation, a regenerated random modulator, ...). ``half_mode`` is this term's half-precision policy
+    (``"merged"``/``"split"``); ``None`` takes the default of the :func:`hira_linear` call.
     """
 
     x_in: torch.Tensor
     factorization: Factorization
     params: Sequence[torch.Tensor]
     modulator: Callable[[], torch.Tensor] | None = None
+    half_mode: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------- ops
+
+
+class LinearOp:
+    """``y = x·Wᵀ + b`` over the last dimension of x; W is (out, in)."""
+
+    def forward(self, x, W, b):
+        return F.linear(x, W, b)
+
+    def grad_input(self, g, W, x_shape):
+        return (g.reshape(-1, g.shape[-1]) @ W).reshape(*x_shape[:-1], W.shape[1])
+
+    def grad_weight(self, g, x, w_shape):
+        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+    def grad_bias(self, g):
+        return g.reshape(-1, g.shape[-1]).sum(0)
+
+
+class ConvOp:
+    """An N-d convolution with the base layer's stride/padding/dilation (groups=1); W is (out, in, *kernel)."""
+
+    _FNS = {
+        1: (F.conv1d, torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+        2: (F.conv2d, torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
+        3: (F.conv3d, torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight),
+    }
+
+    def __init__(self, dim: int, stride, padding, dilation):
+        self.dim = dim
+        self.fwd, self.gin, self.gw = self._FNS[dim]
+        self.kw = {"stride": stride, "padding": padding, "dilation": dilation, "groups": 1}
+
+    def forward(self, x, W, b):
+        return self.fwd(x, W, b, **self.kw)
+
+    def grad_input(self, g, W, x_shape):
+        return self.gin(x_shape, W, g, **self.kw)
+
+    def grad_weight(self, g, x, w_shape):
+        return self.gw(x, w_shape, g, **self.kw)
+
+    def grad_bias(self, g):
+        return g.sum(dim=[d for d in range(g.dim()) if d != 1])
+
+
+LINEAR = LinearOp()
 
 
 @dataclass
 class _Spec:
+    op: object
     n_terms: int
     factorizations: list
     n_params: list
     modulators: list
     same_input: list  # term input is the layer input x (no dropout)
+    split: list  # term keeps its own forward GEMM under half precision ("split" policy)
     include_base: bool
     fan_in_fan_out: bool
     compute_dtype: torch.dtype
-    half_mode: str
+    out_dtype: torch.dtype
     device_type: str
     gather: Callable | None = None  # context-manager factory re-gathering ZeRO-3 partitioned params in backward
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, params: Sequence[torch.Tensor] = ()) -> torch.dtype:
+    """The dtype the adapter math runs in: autocast's, else the promotion of x's and the factors' dtypes."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
-    return x.dtype
+    dt = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+    for p in params:
+        if p.dtype.is_floating_point:
+            dt = torch.promote_types(dt, p.dtype)
+    return dt
+
+
+def output_dtype(x: torch.Tensor, cdt: torch.dtype) -> torch.dtype:
+    """What the base layer would return: the autocast dtype under autocast, the input's dtype otherwise."""
+    return cdt if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _is_half(dtype: torch.dtype) -> bool:
@@ -105,11 +186,8 @@ def _is_half(dtype: torch.dtype) -> bool:
 
 
 def _work_params(params, wd):
-    """Factor params in the dtype of the d×k work: the half compute dtype, or their own (fp32/fp64) dtype.
-
-    Casts keep ``requires_grad`` (factorizations use it to skip the gradients of frozen factors)."""
-    if wd is None:
-        return tuple(params)
+    """Factor params in the compute dtype (casts keep ``requires_grad``: factorizations use it to skip the gradients
+    of frozen factors)."""
     return tuple(p if p.dtype == wd else p.detach().to(wd).requires_grad_(p.requires_grad) for p in params)
 
 
@@ -145,17 +223,27 @@ def _bias(bias, cdt):
     return None if bias is None else bias.to(cdt)
 
 
-# The d×k work (M, W_eff, W0 ⊙ G) runs in the half compute dtype under bf16/fp16 (as stock PEFT does under autocast:
-# half the memory traffic of fp32 and no fp32 d×k transients), and in the adapters' own dtype otherwise. Elementwise
-# steps are done in place so that at most two d×k buffers exist at any time.
+def _w_eff(spec, W, idx, terms_p, cdt):
+    """``W0 ⊙ (1 + Σ_idx M)`` in the compute dtype (W0 itself when idx is empty), built in place."""
+    M = _dense_M(spec, idx, terms_p, cdt)
+    if M is None:
+        return W.to(cdt)
+    Wm = W.to(M.dtype)
+    M = _like_weight(M, spec)
+    return torch.addcmul(Wm, Wm, M, out=M)
 
 
-class _HiraLinearFn(torch.autograd.Function):
+# The d×k work (M, W_eff, W0 ⊙ G) runs in the compute dtype: the half autocast dtype under bf16/fp16 autocast (as
+# stock PEFT does: half the memory traffic and no fp32 d×k transients), the promoted full-precision dtype otherwise.
+# Elementwise steps are done in place so that at most two d×k buffers exist at any time.
+
+
+class _HiraFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x, weight, bias, *flat):
         terms_x, terms_p = _unpack(spec, flat)
         cdt = spec.compute_dtype
-        wd = cdt if _is_half(cdt) else None
+        op = spec.op
         with torch.autocast(spec.device_type, enabled=False):
             W = None if weight is None else (weight.t() if spec.fan_in_fan_out else weight)
             # Terms sharing the layer input whose modulator is W0 are folded into one W_eff.
@@ -166,26 +254,20 @@ class _HiraLinearFn(torch.autograd.Function):
             xs = x.to(cdt)
             y = None
             if spec.include_base:
-                M = _dense_M(spec, fold, terms_p, wd)
-                if M is None:
-                    y = F.linear(xs, W.to(cdt), _bias(bias, cdt))
-                elif _is_half(cdt) and spec.half_mode == "split":
-                    Wc = W.to(cdt)
-                    y = F.linear(xs, Wc, _bias(bias, cdt))
-                    y = y + F.linear(xs, M.mul_(Wc))  # W0 ⊙ M at half-precision relative resolution
-                else:
-                    Wm = W.to(M.dtype)
-                    M = _like_weight(M, spec)
-                    W_eff = torch.addcmul(Wm, Wm, M, out=M).to(cdt)  # W0 + W0 ⊙ M, in place
+                split = [t for t in fold if _is_half(cdt) and spec.split[t]]
+                W_eff = _w_eff(spec, W, [t for t in fold if t not in split], terms_p, cdt)
+                y = op.forward(xs, W_eff, _bias(bias, cdt))
+                del W_eff
+                if split:  # W0 ⊙ M at half-precision relative resolution, its own GEMM
+                    M = _dense_M(spec, split, terms_p, cdt)
+                    y = y + op.forward(xs, M.mul_(_like_weight(W.to(cdt), spec)), None)
                     del M
-                    y = F.linear(xs, W_eff, _bias(bias, cdt))
-                    del W_eff
             for t in rest:
-                M = spec.factorizations[t].dense(*_work_params(terms_p[t], wd))
+                M = spec.factorizations[t].dense(*_work_params(terms_p[t], cdt))
                 R = _modulator(spec, t, W)
-                delta = M.mul_(R.to(M.dtype)).to(cdt)
+                delta = M.mul_(R.to(M.dtype))
                 del M
-                out = F.linear(terms_x[t].to(cdt), delta)
+                out = op.forward(terms_x[t].to(cdt), delta, None)
                 del delta
                 y = out if y is None else y + out
         ctx.spec = spec
@@ -193,16 +275,16 @@ class _HiraLinearFn(torch.autograd.Function):
         ctx.rest = rest
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, *flat)
-        return y
+        return y.to(spec.out_dtype)
 
     @staticmethod
     def backward(ctx, g):
         spec: _Spec = ctx.spec
         if spec.gather is None:
-            return _HiraLinearFn._backward(ctx, g, ctx.saved_tensors)
-        # DeepSpeed ZeRO-3 released the partitioned params after forward: gather them again before reading them.
+            return _HiraFn._backward(ctx, g, ctx.saved_tensors)
+        # DeepSpeed ZeRO-3 may have released the partitioned params after forward: gather them again.
         with spec.gather():
-            return _HiraLinearFn._backward(ctx, g, ctx.saved_tensors)
+            return _HiraFn._backward(ctx, g, ctx.saved_tensors)
 
     @staticmethod
     def _backward(ctx, g, saved):
@@ -210,7 +292,7 @@ class _HiraLinearFn(torch.autograd.Function):
         x, weight, bias, *flat = saved
         terms_x, terms_p = _unpack(spec, flat)
         cdt = spec.compute_dtype
-        wd = cdt if _is_half(cdt) else None
+        op = spec.op
         needs = ctx.needs_input_grad  # (spec, x, weight, bias, *flat)
         if needs[2]:
             raise RuntimeError(
@@ -227,50 +309,41 @@ class _HiraLinearFn(torch.autograd.Function):
         with torch.autocast(spec.device_type, enabled=False):
             W = None if weight is None else (weight.t() if spec.fan_in_fan_out else weight)
             gc = g.to(cdt)
-            g2 = gc.reshape(-1, gc.shape[-1])
             if spec.include_base:
-                # grad_x = g · W_eff: one GEMM on the recomputed W_eff (also in "split" mode).
+                # grad_x = g · W_eff: one GEMM on the recomputed W_eff (in both half-precision policies).
                 if needs[1]:
-                    M = _dense_M(spec, ctx.fold, terms_p, wd)
-                    if M is None:
-                        W_eff = W.to(cdt)
-                    else:
-                        Wm = W.to(M.dtype)
-                        M = _like_weight(M, spec)
-                        W_eff = torch.addcmul(Wm, Wm, M, out=M).to(cdt)
-                        del M
-                    grad_x = (g2 @ W_eff).reshape(*g.shape[:-1], W_eff.shape[1])
+                    W_eff = _w_eff(spec, W, ctx.fold, terms_p, cdt)
+                    grad_x = op.grad_input(gc, W_eff, x.shape)
                     del W_eff
                 if any(params_need(t) for t in ctx.fold):
-                    G = g2.t() @ x.to(cdt).reshape(-1, x.shape[-1])  # (out, in): the weight-gradient GEMM
-                    gM = G.mul_(W.to(G.dtype)) if wd is not None else G.to(terms_p[ctx.fold[0]][0].dtype).mul_(W)
+                    G = op.grad_weight(gc, x.to(cdt), W.shape)  # the weight-gradient GEMM
+                    gM = G.mul_(W.to(cdt))
                     del G
                     for t in ctx.fold:
-                        _scatter_grads(spec, t, gM, _work_params(terms_p[t], wd), terms_p[t], grads_flat, needs)
+                        _scatter_grads(spec, t, gM, _work_params(terms_p[t], cdt), terms_p[t], grads_flat, needs)
                     del gM
                 if ctx.has_bias and needs[3]:
-                    grad_bias = g2.sum(0).to(bias.dtype)
+                    grad_bias = op.grad_bias(gc).to(bias.dtype)
             # Separate terms (dropout input or custom modulator).
             for t in ctx.rest:
                 base = _param_offset(spec, t)
                 R = _modulator(spec, t, W)
                 xin = terms_x[t]
                 if needs[4 + base]:
-                    M = spec.factorizations[t].dense(*_work_params(terms_p[t], wd))
-                    delta = M.mul_(R.to(M.dtype)).to(cdt)
+                    M = spec.factorizations[t].dense(*_work_params(terms_p[t], cdt))
+                    delta = M.mul_(R.to(cdt))
                     del M
-                    gx_t = (g2 @ delta).reshape(*g.shape[:-1], delta.shape[1])
+                    gx_t = op.grad_input(gc, delta, xin.shape)
                     del delta
                     if spec.same_input[t]:
                         grad_x = gx_t if grad_x is None else grad_x + gx_t
                     else:
                         grads_flat[base] = gx_t.to(xin.dtype)
                 if params_need(t):
-                    G = g2.t() @ xin.to(cdt).reshape(-1, xin.shape[-1])
-                    pdt = cdt if wd is not None else terms_p[t][0].dtype
-                    gM = G.to(pdt).mul_(R.to(pdt))
+                    G = op.grad_weight(gc, xin.to(cdt), R.shape)
+                    gM = G.mul_(R.to(cdt))
                     del G
-                    _scatter_grads(spec, t, gM, _work_params(terms_p[t], wd), terms_p[t], grads_flat, needs)
+                    _scatter_grads(spec, t, gM, _work_params(terms_p[t], cdt), terms_p[t], grads_flat, needs)
                     del gM
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
@@ -302,32 +375,42 @@ def hira_linear(
     include_base: bool = True,
     half_mode: str = "merged",
     gather: Callable | None = None,
+    op=LINEAR,
 ) -> torch.Tensor:
-    """Compute ``x·W0ᵀ + b + Σ_terms x_in·(R⊙M)ᵀ`` with the memory-lean fused autograd Function.
+    """Compute ``op(x, W0) + b + Σ_terms op(x_in, R⊙M)`` with the memory-lean fused autograd Function.
 
     Args:
-        x: input (..., in).
-        weight: W0, (out, in), or (in, out) with ``fan_in_fan_out=True`` (transformers ``Conv1D``). Must be frozen.
-            ``None`` is allowed with ``include_base=False`` when every term has its own modulator.
+        x: input (..., in) for the linear op; (N, C, *spatial) for a :class:`ConvOp`.
+        weight: W0, (out, in), or (in, out) with ``fan_in_fan_out=True`` (transformers ``Conv1D``); a conv kernel
+            for a :class:`ConvOp`. Must be frozen. ``None`` is allowed with ``include_base=False`` when every term
+            has its own modulator.
         bias: optional bias of the base layer.
         terms: the adapter contributions; see :class:`Term`.
-        include_base: add ``x·W0ᵀ + b`` (False when the base output comes from elsewhere, e.g. a quantised layer).
-        half_mode: ``"split"`` or ``"merged"``, the half-precision policy described in the module docstring.
+        include_base: add ``op(x, W0) + b`` (False when the base output comes from elsewhere, e.g. a quantised
+            layer).
+        half_mode: the default half-precision policy of terms that do not set their own (module docstring).
         gather: DeepSpeed ZeRO-3 only: a context-manager factory that gathers the partitioned params (used again in
-            backward, where ZeRO-3 has released them).
+            backward, where ZeRO-3 may have released them).
+        op: :data:`LINEAR` (default) or a :class:`ConvOp`.
     """
-    if half_mode not in ("split", "merged"):
-        raise ValueError(f"half_mode must be 'split' or 'merged', got {half_mode!r}")
+    modes = [t.half_mode or half_mode for t in terms]
+    bad = [m for m in modes if m not in ("split", "merged")]
+    if bad:
+        raise ValueError(f"half_mode must be 'split' or 'merged', got {bad[0]!r}")
+    params = [p for t in terms for p in t.params]
+    cdt = compute_dtype(x, params)
     spec = _Spec(
+        op=op,
         n_terms=len(terms),
         factorizations=[t.factorization for t in terms],
         n_params=[len(t.params) for t in terms],
         modulators=[t.modulator for t in terms],
         same_input=[t.x_in is x for t in terms],
+        split=[m == "split" for m in modes],
         include_base=include_base,
         fan_in_fan_out=fan_in_fan_out,
-        compute_dtype=_compute_dtype(x),
-        half_mode=half_mode,
+        compute_dtype=cdt,
+        out_dtype=output_dtype(x, cdt),
         device_type=x.device.type,
         gather=gather,
     )
@@ -335,15 +418,58 @@ def hira_linear(
     for t in terms:
         flat.append(t.x_in)
         flat.extend(t.params)
-    return _HiraLinearFn.apply(spec, x, weight, bias, *flat)
+    return _HiraFn.apply(spec, x, weight, bias, *flat)
 
 
-def reference_hira_linear(x, weight, bias, terms: Sequence[Term], fan_in_fan_out=False, include_base=True):
-    """Plain-autograd dense reference of :func:`hira_linear` (keeps the dense products; for tests and checks)."""
-    W = weight.t() if fan_in_fan_out else weight
-    y = F.linear(x, W, bias) if include_base else 0
-    for t in terms:
-        M = t.factorization.dense(*t.params)
-        R = W if t.modulator is None else t.modulator()
-        y = y + F.linear(t.x_in, R.to(M.dtype) * M)
-    return y
+# ----------------------------------------------------------------------------------------------------------- embedding
+
+
+class _HiraEmbeddingFn(torch.autograd.Function):
+    """``Σ_a W0[ids] ⊙ (A_aᵀ[ids] · B_aᵀ)`` (the adapters' part of a HiRA embedding lookup; no dense product).
+
+    The factor lookups are plain gathers, whatever ``padding_idx``/``max_norm``/``sparse`` options the base
+    embedding uses (those shape the base lookup and its gradient, not the adapter's math)."""
+
+    @staticmethod
+    def forward(ctx, cdt, gather, ids, weight, *factors):
+        rows = F.embedding(ids, weight).to(cdt)
+        out = None
+        for A, B in zip(factors[0::2], factors[1::2]):
+            mod = F.embedding(ids, A.t()).to(cdt) @ B.to(cdt).t()
+            out = rows * mod if out is None else out + rows * mod
+        ctx.cdt, ctx.gather = cdt, gather
+        ctx.save_for_backward(ids, weight, *factors)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        with ctx.gather() if ctx.gather is not None else contextlib.nullcontext():
+            ids, weight, *factors = ctx.saved_tensors
+            cdt = ctx.cdt
+            gr = g.to(cdt) * F.embedding(ids, weight).to(cdt)  # (..., dim)
+            gr2 = gr.reshape(-1, gr.shape[-1])
+            flat_ids = ids.reshape(-1)
+            grads = []
+            for j, (A, B) in enumerate(zip(factors[0::2], factors[1::2])):
+                need_A, need_B = ctx.needs_input_grad[4 + 2 * j], ctx.needs_input_grad[5 + 2 * j]
+                gA = gB = None
+                if need_A:
+                    rows_grad = gr2 @ B.to(cdt)  # (N, r): d out / d A_aᵀ[ids]
+                    gA = torch.zeros(A.shape[1], A.shape[0], dtype=cdt, device=A.device)
+                    gA.index_add_(0, flat_ids, rows_grad)
+                    gA = gA.t().to(A.dtype)
+                if need_B:
+                    a_rows = F.embedding(flat_ids, A.t()).to(cdt)  # (N, r)
+                    gB = (gr2.t() @ a_rows).to(B.dtype)
+                grads += [gA, gB]
+        return (None, None, None, None, *grads)
+
+
+def hira_embedding_delta(ids, weight, factors: Sequence[tuple[torch.Tensor, torch.Tensor]], gather=None):
+    """The adapters' output of a HiRA embedding: ``Σ (W0 ⊙ (B·A)ᵀ)[ids]`` for ``factors = [(A, B), ...]``, computed
+    from the looked-up rows only, in the widest of the weight's and factors' dtypes."""
+    flat = [t for ab in factors for t in ab]
+    cdt = weight.dtype
+    for p in flat:
+        cdt = torch.promote_types(cdt, p.dtype)
+    return _HiraEmbeddingFn.apply(cdt, gather, ids, weight, *flat)

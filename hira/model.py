@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-from peft.tuners.hira.model import HiraModel as _StockHiraModel
 
+from . import _zero3
+from ._names import split_layer_index
+from ._peft_compat import StockHiraModel, cast_adapter_dtype, get_pattern_key
 from .layer import HiraFamilyMixin, dispatch_default
-from .variants import finalize_adapter
+from .variants import set_smooth_modulator
 
 
-class HiraModel(_StockHiraModel):
+class HiraModel(StockHiraModel):
     """The tuner behind ``get_peft_model(model, hira.HiraConfig(...))`` (and stock ``peft.HiraConfig`` once
     ``import hira`` has run). Same prefix (``hira_``) and state-dict layout as stock PEFT."""
 
@@ -20,8 +22,6 @@ class HiraModel(_StockHiraModel):
 
     def _create_and_replace(self, hira_config, adapter_name, target, target_name, parent, current_key):
         if isinstance(target, HiraFamilyMixin):
-            from peft.utils.other import get_pattern_key
-
             r_key = get_pattern_key(hira_config.rank_pattern.keys(), current_key)
             r = hira_config.rank_pattern.get(r_key, hira_config.r)
             target.update_layer(adapter_name, r, config=hira_config)
@@ -50,15 +50,17 @@ class HiraModel(_StockHiraModel):
             "Linear8bitLt/Linear4bit. Remove it from target_modules (or add it to exclude_modules)."
         )
 
-    def _check_target_module_exists(self, peft_config, key):
-        return super()._check_target_module_exists(peft_config, key)
-
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         config = self.peft_config[adapter_name]
+        if hasattr(config, "refresh"):
+            config.refresh()  # fields edited after construction: validated again, peft type derived again
         _check_targets_exist(model, config)
         out = super().inject_adapter(model, adapter_name, *args, **kwargs)
-        finalize_adapter(model, adapter_name)  # HiRA-family variants: model-level setup (smooth modulator)
+        _finalize_adapter(model, adapter_name, getattr(config, "layers_pattern", None))
         return out
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        cast_adapter_dtype(self, adapter_name, autocast_adapter_dtype)
 
 
 def _check_targets_exist(model, config) -> None:
@@ -74,3 +76,41 @@ def _check_targets_exist(model, config) -> None:
             f"Target module(s) {missing} not found in {type(model).__name__}. Check the names for this "
             f"architecture; its leaf modules are: {leaf[:40]}{' ...' if len(leaf) > 40 else ''}."
         )
+
+
+def _finalize_adapter(model, adapter: str, layers_pattern=None) -> None:
+    """Model-level setup after injection: the ``smooth`` modulator's neighbour means (same module, same expert, in
+    the decoder layers below and above; see :mod:`hira._names` for how the layer index is read)."""
+    names = dict(model.named_modules())
+    for name, layer in names.items():
+        if not isinstance(layer, HiraFamilyMixin):
+            continue
+        spec = layer.__dict__.get("hira_variant", {}).get(adapter)
+        if spec is None or spec.modulator != "smooth":
+            continue
+        split = split_layer_index(name, layers_pattern)
+        if split is None:
+            raise ValueError(
+                f"The smooth modulator averages a module with the same module in the layers above and below; "
+                f"{name!r} has no layer index in its name."
+            )
+        pre, idx, suf = split
+        weights = []
+        for j in (idx - 1, idx, idx + 1):
+            other = names.get(f"{pre}{j}{suf}")
+            if other is None:
+                continue
+            if isinstance(other, HiraFamilyMixin):
+                with _zero3.gather([other.get_base_layer().weight], site="read"):
+                    w = other._original_weight_oi().detach().float().clone()
+            else:
+                w = getattr(other, "weight", None)
+                if w is None:
+                    continue
+                with _zero3.gather([w], site="read"):
+                    w = w.detach().float().clone()
+                    if getattr(layer, "fan_in_fan_out", False):
+                        w = w.t()
+            if w.shape == (layer.out_features, layer.in_features):
+                weights.append(w)
+        set_smooth_modulator(layer, adapter, weights)

@@ -33,14 +33,14 @@ Everything runs on the model's device, one layer at a time for the SVD; the grad
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from .layer import HiraFamilyMixin, _is_zero3_param, gather_ctx
+from . import _zero3
+from .layer import HiraFamilyMixin
 
 
 def _sb_layers(model, adapter_name):
@@ -70,20 +70,6 @@ def _guarded_div(G, Rm, eps):
     floor = eps * Rm.abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
     sign = torch.where(Rm >= 0, 1.0, -1.0)
     return G / (sign * Rm.abs().clamp_min(floor))
-
-
-def _release_zero3(params) -> None:
-    """Re-partition ZeRO-3 params that the gradient pass (run outside the DeepSpeed engine's forward/backward) left
-    gathered, so the writes below go through ``GatheredParameters(modifier_rank=0)`` and reach every partition."""
-    params = [p for p in params if _is_zero3_param(p)]
-    if not params:
-        return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    for p in params:
-        if p.ds_status == ZeroParamStatus.AVAILABLE:
-            p.ds_active_sub_modules.clear()
-            p.partition()
 
 
 def estimate_full_ft_gradients(
@@ -208,13 +194,13 @@ def sb_init(
         model, batches, layers, loss_fn=loss_fn, num_batches=num_batches, progress=progress
     )
     model.train(was_training)
-    _release_zero3(model.parameters())
+    _zero3.release(model.parameters())  # left gathered by the gradient pass (outside the engine's hooks)
     report = {}
     for name, layer in tqdm(layers, desc="HiRA-SB: SVD init", disable=not progress):
         G = grads.pop(name)
         spec = layer.hira_variant[adapter_name]
         r = spec.r
-        with gather_ctx([layer.get_base_layer().weight]):
+        with _zero3.gather([layer.get_base_layer().weight], site="read"):
             W0 = layer._original_weight_oi().detach().float().to(G.device).clone()
         term = layer._adapter_term(adapter_name, None)
         Rm = W0 if term.modulator is None else term.modulator().float().to(G.device)
@@ -236,12 +222,7 @@ def sb_init(
             S0 = torch.zeros(r, r, device=G.device)
         energy = (S[:r].pow(2).sum() / S.pow(2).sum().clamp_min(1e-30)).item()
         params = [layer.hira_A[adapter_name], layer.hira_B[adapter_name], layer.hira_R[adapter_name]]
-        ctx = contextlib.nullcontext()
-        if any(_is_zero3_param(p) for p in params):
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-        with ctx, torch.no_grad():
+        with _zero3.gather(params, modify=True, site="sb_init"), torch.no_grad():
             for p, v in zip(params, (An, Bn, S0)):
                 p.data.copy_(v.to(device=p.device, dtype=p.dtype))
         report[name] = {"energy": energy, "scale": c2}

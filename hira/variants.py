@@ -34,16 +34,17 @@ Every variant merges (``W0 + ΔW``, computed in fp32) and unmerges exactly (the 
 
 from __future__ import annotations
 
+import contextlib
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from .functional import LOW_RANK, Factorization, Term, _compute_dtype
+from . import _zero3
+from ._peft_compat import BufferDict, move_adapter_to_base_device, set_frozen_factors
+from .functional import LOW_RANK, Factorization, Term, compute_dtype, output_dtype
 
 
 VARIANTS = ("hira", "hilora", "bhra", "sb")
@@ -141,18 +142,19 @@ class _LoraFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, scaling, gather):
-        cdt = _compute_dtype(x)
+        cdt = compute_dtype(x, (A, B))
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(x.to(cdt), A.to(cdt))
             y = F.linear(h, B.to(cdt)) * scaling
         ctx.save_for_backward(x, A, B)
         ctx.scaling, ctx.gather, ctx.cdt = scaling, gather, cdt
-        return y
+        return y.to(output_dtype(x, cdt))
 
     @staticmethod
     def backward(ctx, g):
         x, A, B = ctx.saved_tensors
-        with (ctx.gather() if ctx.gather is not None else _null()), torch.autocast(g.device.type, enabled=False):
+        gather = ctx.gather() if ctx.gather is not None else contextlib.nullcontext()
+        with gather, torch.autocast(g.device.type, enabled=False):
             cdt, s = ctx.cdt, ctx.scaling
             g2 = g.to(cdt).reshape(-1, g.shape[-1])
             x2 = x.to(cdt).reshape(-1, x.shape[-1])
@@ -161,14 +163,6 @@ class _LoraFn(torch.autograd.Function):
             gA = (gh.t() @ x2).to(A.dtype) if ctx.needs_input_grad[1] else None
             gB = ((g2.t() @ (x2 @ A.to(cdt).t())) * s).to(B.dtype) if ctx.needs_input_grad[2] else None
         return gx, gA, gB, None, None
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ================================================================================================ per-adapter spec
@@ -231,21 +225,20 @@ class AdapterVariant:
     def extra_output(self, layer, adapter, x_in):
         if self.variant != "hilora" or self.r2 == 0:
             return None
-        from .layer import _is_zero3_param, gather_ctx
-
         A2, B2 = layer.hira_lora_A[adapter], layer.hira_lora_B[adapter]
-        zero3 = _is_zero3_param(A2)
-        gather = (lambda: gather_ctx([A2, B2])) if zero3 else None
-        with gather_ctx([A2, B2]):
+        zero3 = _zero3.any_partitioned((A2, B2))
+        gather = (lambda: _zero3.gather([A2, B2], site="backward")) if zero3 else None
+        with _zero3.gather([A2, B2], site="forward"):
             return _LoraFn.apply(x_in, A2, B2, self.scaling, gather)
 
-    def additive_delta(self, layer, adapter, W0):
+    def additive_delta(self, layer, adapter, W0, dtype):
+        """``W' - W0`` (out, in) in ``dtype``; ``W0`` is the original weight in that layout."""
         term = self.adapter_term(layer, adapter, None)
-        M = term.factorization.dense(*[p.float() for p in term.params])
-        R = W0.float() if term.modulator is None else term.modulator().float()
-        delta = R * M
+        M = term.factorization.dense(*[p.to(dtype) for p in term.params])
+        R = W0 if term.modulator is None else term.modulator()
+        delta = R.to(dtype) * M
         if self.variant == "hilora" and self.r2 > 0:
-            delta = delta + self.scaling * (layer.hira_lora_B[adapter].float() @ layer.hira_lora_A[adapter].float())
+            delta = delta + self.scaling * (layer.hira_lora_B[adapter].to(dtype) @ layer.hira_lora_A[adapter].to(dtype))
         return delta
 
 
@@ -339,8 +332,7 @@ def _drop(layer, adapter):
         c = getattr(layer, name)
         if adapter in c:
             del c[adapter]
-    if adapter in layer.frozen_peft_weight_names:
-        layer.frozen_peft_weight_names = {k: v for k, v in layer.frozen_peft_weight_names.items() if k != adapter}
+    set_frozen_factors(layer, adapter, ())
 
 
 def setup_adapter(layer, adapter: str, r: int, config) -> None:
@@ -412,19 +404,15 @@ def setup_adapter(layer, adapter: str, r: int, config) -> None:
         layer.hira_A[adapter] = nn.Parameter(Aq.t().contiguous().to(dev), requires_grad=False)
         layer.hira_B[adapter] = nn.Parameter(Bq.contiguous().to(dev), requires_grad=False)
         layer.hira_R[adapter] = nn.Parameter(torch.zeros(r, r, device=dev))
-        frozen = dict(layer.frozen_peft_weight_names)
-        frozen[adapter] = ("hira_A", "hira_B")
-        layer.frozen_peft_weight_names = frozen
+        set_frozen_factors(layer, adapter, ("hira_A", "hira_B"))
 
     if modulator == "random":
         spec.seed = int(config.modulator_seed)
     elif modulator == "lowrank":
-        from .layer import gather_ctx
-
         v = config.modulator_rank
         if v > min(d, n):
             raise ValueError(f"modulator_rank={v} exceeds min(out, in)={min(d, n)} of this layer.")
-        with gather_ctx([base.weight]):
+        with _zero3.gather([base.weight], site="read"):
             W0 = layer._original_weight_oi().detach().float()
             U, S, Vh = _randomized_svd(W0, v)
         layer.hira_mod_U[adapter] = (U * S).contiguous()
@@ -432,51 +420,14 @@ def setup_adapter(layer, adapter: str, r: int, config) -> None:
     # "smooth" is filled by finalize_adapter() once every layer of the model is known.
 
     layer.hira_variant[adapter] = spec
-    layer._move_adapter_to_device_of_base_layer(adapter)
+    move_adapter_to_base_device(layer, adapter)
 
 
-_LAYER_INDEX = re.compile(r"^(.*\.)(\d+)(\..+)$")
-
-
-def finalize_adapter(model: nn.Module, adapter: str) -> None:
-    """Model-level setup after injection: the ``smooth`` modulator's neighbour means."""
-    from .layer import HiraFamilyMixin, gather_ctx
-
-    names = dict(model.named_modules())
-    for name, layer in names.items():
-        if not isinstance(layer, HiraFamilyMixin):
-            continue
-        spec = getattr(layer, "hira_variant", {}).get(adapter)
-        if spec is None or spec.modulator != "smooth":
-            continue
-        m = _LAYER_INDEX.match(name)
-        if m is None:
-            raise ValueError(
-                f"The smooth modulator averages a module with the same module in the layers above and below; "
-                f"{name!r} has no layer index in its name."
-            )
-        pre, idx, suf = m.group(1), int(m.group(2)), m.group(3)
-        weights = []
-        for j in (idx - 1, idx, idx + 1):
-            other = names.get(f"{pre}{j}{suf}")
-            if other is None:
-                continue
-            if isinstance(other, HiraFamilyMixin):
-                with gather_ctx([other.get_base_layer().weight]):
-                    w = other._original_weight_oi().detach().float().clone()
-            else:
-                w = getattr(other, "weight", None)
-                if w is None:
-                    continue
-                with gather_ctx([w]):
-                    w = w.detach().float().clone()
-                    if getattr(layer, "fan_in_fan_out", False):
-                        w = w.t()
-            if w.shape == (layer.out_features, layer.in_features):
-                weights.append(w)
-        S = weights[0]
-        for w in weights[1:]:
-            S = S + w.to(S.device)
-        S = S / len(weights)
-        layer.hira_mod_S[adapter] = S
-        layer._move_adapter_to_device_of_base_layer(adapter)
+def set_smooth_modulator(layer, adapter: str, neighbours: list[torch.Tensor]) -> None:
+    """The ``smooth`` modulator of ``layer``: the element-wise mean of ``neighbours`` (out×in weights of the same
+    module in the layers below, at and above, this layer's own included)."""
+    S = neighbours[0].float().clone()
+    for w in neighbours[1:]:
+        S = S + w.float().to(S.device)
+    layer.hira_mod_S[adapter] = S / len(neighbours)
+    move_adapter_to_base_device(layer, adapter)

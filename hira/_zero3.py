@@ -1,0 +1,73 @@
+"""The only module that touches DeepSpeed ZeRO-3 parameter state (``ds_id``, ``ds_status``, partitioning).
+
+HiRA reads the full base weight W0 wherever it forms ``W0 ⊙ M``, and ZeRO-3 partitions W0 and the adapter factors
+across ranks. Inside a module's forward DeepSpeed (0.19) fetches a partitioned parameter when it is accessed, but
+not elsewhere: merging, unmerging, analysis, initialisations that read W0, and any call that bypasses the module
+hooks see empty partitions. :func:`gather` therefore gathers, for the duration of a block, the parameters that are
+partitioned at that moment and leaves alone those DeepSpeed has already fetched (freeing them here would break its
+bookkeeping).
+
+``gathered`` counts the parameters this module gathered, by site, so tests can show that a path really went through
+the tuner's own gathering rather than DeepSpeed's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+
+
+gathered: Counter = Counter()  # site -> number of parameters gathered by hira (diagnostics and tests)
+
+
+def is_partitioned_param(p) -> bool:
+    """A ZeRO-3 managed parameter (partitioned or temporarily gathered)."""
+    return p is not None and hasattr(p, "ds_id")
+
+
+def any_partitioned(params: Iterable) -> bool:
+    return any(is_partitioned_param(p) for p in params)
+
+
+def _not_available(params):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if is_partitioned_param(p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+
+
+def gather(params: Iterable, modify: bool = False, site: str = "read"):
+    """Context manager: the ZeRO-3 partitioned ``params`` are whole inside the block (no-op without ZeRO-3).
+
+    ``modify=True`` makes rank 0's in-place changes (merge/unmerge) the ones every rank keeps on exit."""
+    params = [p for p in params if p is not None]
+    if not any_partitioned(params):
+        return contextlib.nullcontext()
+    missing = _not_available(params)
+    if not missing:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    gathered[site] += len(missing)
+    return deepspeed.zero.GatheredParameters(missing, modifier_rank=0 if modify else None)
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Element count of a parameter, by its full (unpartitioned) size under ZeRO-3."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def release(params: Iterable) -> None:
+    """Re-partition ZeRO-3 params left gathered by a pass run outside the engine's forward/backward (e.g. the
+    HiRA-SB gradient estimate), so later writes through :func:`gather` (``modify=True``) reach every partition."""
+    params = [p for p in params if is_partitioned_param(p)]
+    if not params:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in params:
+        if p.ds_status == ZeroParamStatus.AVAILABLE:
+            p.ds_active_sub_modules.clear()
+            p.partition()
