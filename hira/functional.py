@@ -12,12 +12,14 @@ keeps the dense ``W0⊙BA`` alive until backward. Here:
 * only ``x`` (and, with dropout, ``dropout(x)``) plus the parameters are saved for backward; ``W_eff`` and ``G`` are
   transient.
 
-Compute dtype: under autocast, the autocast dtype; otherwise the widest of the input's and the adapter factors'
-dtypes (PyTorch type promotion). A bf16 model with fp32 adapters and no autocast therefore computes the adapter
-math, and its gradients, in fp32, as stock PEFT does by casting the input to the adapter dtype. The output has the
-autocast dtype under autocast and the input's dtype otherwise (what the base layer returns).
+Dtypes (:func:`compute_dtypes`): under autocast everything runs in the autocast dtype. Otherwise the token GEMMs
+(forward and ``grad_x``) run in the input's dtype, as the base layer does, and the adapter math (``M``, ``W_eff``,
+the weight-gradient GEMM, the factor gradients) in the promotion of the input's and the factors' dtypes. A bf16
+model with fp32 adapters and no autocast therefore trains its adapters with fp32 gradients, like stock PEFT, while
+its forward is the merged bf16 model's, and a fresh adapter reproduces the base layer bit for bit. The output has
+the GEMM dtype (what the base layer returns).
 
-Half-precision policy (per term; only when the compute dtype is bf16/fp16, e.g. under autocast):
+Half-precision policy (per term; only when the GEMM dtype is bf16/fp16):
 
 * ``"merged"`` (default): the term is folded into the one GEMM on ``W_eff`` rounded to half precision, i.e. the
   precision a merged half-precision model has at inference, and the HiRA authors' own implementation
@@ -158,22 +160,31 @@ class _Spec:
     split: list  # term keeps its own forward GEMM under half precision ("split" policy)
     include_base: bool
     fan_in_fan_out: bool
-    compute_dtype: torch.dtype
-    out_dtype: torch.dtype
+    gemm_dtype: torch.dtype  # the full-size GEMMs over the tokens: forward and grad_x
+    work_dtype: torch.dtype  # the d×k work: M, W_eff, the weight-gradient GEMM, W0 ⊙ G, factor gradients
     device_type: str
     gather: Callable | None = None  # context-manager factory re-gathering ZeRO-3 partitioned params in backward
 
 
-def compute_dtype(x: torch.Tensor, params: Sequence[torch.Tensor] = ()) -> torch.dtype:
-    """The dtype the adapter math runs in: autocast's, else the promotion of x's and the factors' dtypes."""
+def compute_dtypes(x: torch.Tensor, params: Sequence[torch.Tensor] = ()) -> tuple[torch.dtype, torch.dtype]:
+    """``(gemm dtype, work dtype)``: both the autocast dtype under autocast; otherwise the input's dtype for the
+    token GEMMs (what the base layer computes in) and the promotion of the input's and the factors' dtypes for the
+    adapter math (a bf16 model with fp32 adapters gets fp32 adapter gradients)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    dt = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+        dt = torch.get_autocast_dtype(dev)
+        return dt, dt
+    gemm = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
+    work = gemm
     for p in params:
         if p.dtype.is_floating_point:
-            dt = torch.promote_types(dt, p.dtype)
-    return dt
+            work = torch.promote_types(work, p.dtype)
+    return gemm, work
+
+
+def compute_dtype(x: torch.Tensor, params: Sequence[torch.Tensor] = ()) -> torch.dtype:
+    """The adapter-math (work) dtype of :func:`compute_dtypes`."""
+    return compute_dtypes(x, params)[1]
 
 
 def output_dtype(x: torch.Tensor, cdt: torch.dtype) -> torch.dtype:
@@ -186,7 +197,7 @@ def _is_half(dtype: torch.dtype) -> bool:
 
 
 def _work_params(params, wd):
-    """Factor params in the compute dtype (casts keep ``requires_grad``: factorizations use it to skip the gradients
+    """Factor params in the work dtype (casts keep ``requires_grad``: factorizations use it to skip the gradients
     of frozen factors)."""
     return tuple(p if p.dtype == wd else p.detach().to(wd).requires_grad_(p.requires_grad) for p in params)
 
@@ -219,30 +230,31 @@ def _like_weight(M, spec):
     return M.t().contiguous().t() if spec.fan_in_fan_out else M
 
 
-def _bias(bias, cdt):
-    return None if bias is None else bias.to(cdt)
+def _bias(bias, dt):
+    return None if bias is None else bias.to(dt)
 
 
-def _w_eff(spec, W, idx, terms_p, cdt):
-    """``W0 ⊙ (1 + Σ_idx M)`` in the compute dtype (W0 itself when idx is empty), built in place."""
-    M = _dense_M(spec, idx, terms_p, cdt)
+def _w_eff(spec, W, idx, terms_p):
+    """``W0 ⊙ (1 + Σ_idx M)`` built in place in the work dtype, then rounded to the GEMM dtype (W0 itself when idx
+    is empty: a fresh adapter computes exactly the base layer's GEMM)."""
+    M = _dense_M(spec, idx, terms_p, spec.work_dtype)
     if M is None:
-        return W.to(cdt)
+        return W.to(spec.gemm_dtype)
     Wm = W.to(M.dtype)
     M = _like_weight(M, spec)
-    return torch.addcmul(Wm, Wm, M, out=M)
+    return torch.addcmul(Wm, Wm, M, out=M).to(spec.gemm_dtype)
 
 
-# The d×k work (M, W_eff, W0 ⊙ G) runs in the compute dtype: the half autocast dtype under bf16/fp16 autocast (as
-# stock PEFT does: half the memory traffic and no fp32 d×k transients), the promoted full-precision dtype otherwise.
-# Elementwise steps are done in place so that at most two d×k buffers exist at any time.
+# The d×k work (M, W_eff, W0 ⊙ G) runs in the work dtype: the half autocast dtype under bf16/fp16 autocast (as
+# stock PEFT does: half the memory traffic and no fp32 d×k transients), the promoted dtype otherwise. Elementwise
+# steps are done in place so that at most two d×k buffers exist at any time.
 
 
 class _HiraFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x, weight, bias, *flat):
         terms_x, terms_p = _unpack(spec, flat)
-        cdt = spec.compute_dtype
+        gdt, wdt = spec.gemm_dtype, spec.work_dtype
         op = spec.op
         with torch.autocast(spec.device_type, enabled=False):
             W = None if weight is None else (weight.t() if spec.fan_in_fan_out else weight)
@@ -251,23 +263,23 @@ class _HiraFn(torch.autograd.Function):
             if not spec.include_base:
                 fold = []
             rest = [t for t in range(spec.n_terms) if t not in fold]
-            xs = x.to(cdt)
+            xs = x.to(gdt)
             y = None
             if spec.include_base:
-                split = [t for t in fold if _is_half(cdt) and spec.split[t]]
-                W_eff = _w_eff(spec, W, [t for t in fold if t not in split], terms_p, cdt)
-                y = op.forward(xs, W_eff, _bias(bias, cdt))
+                split = [t for t in fold if _is_half(gdt) and spec.split[t]]
+                W_eff = _w_eff(spec, W, [t for t in fold if t not in split], terms_p)
+                y = op.forward(xs, W_eff, _bias(bias, gdt))
                 del W_eff
                 if split:  # W0 ⊙ M at half-precision relative resolution, its own GEMM
-                    M = _dense_M(spec, split, terms_p, cdt)
-                    y = y + op.forward(xs, M.mul_(_like_weight(W.to(cdt), spec)), None)
+                    M = _dense_M(spec, split, terms_p, wdt)
+                    y = y + op.forward(xs, M.mul_(_like_weight(W.to(wdt), spec)).to(gdt), None)
                     del M
             for t in rest:
-                M = spec.factorizations[t].dense(*_work_params(terms_p[t], cdt))
+                M = spec.factorizations[t].dense(*_work_params(terms_p[t], wdt))
                 R = _modulator(spec, t, W)
-                delta = M.mul_(R.to(M.dtype))
+                delta = M.mul_(R.to(wdt)).to(gdt)
                 del M
-                out = op.forward(terms_x[t].to(cdt), delta, None)
+                out = op.forward(terms_x[t].to(gdt), delta, None)
                 del delta
                 y = out if y is None else y + out
         ctx.spec = spec
@@ -275,7 +287,7 @@ class _HiraFn(torch.autograd.Function):
         ctx.rest = rest
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, *flat)
-        return y.to(spec.out_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -291,7 +303,7 @@ class _HiraFn(torch.autograd.Function):
         spec: _Spec = ctx.spec
         x, weight, bias, *flat = saved
         terms_x, terms_p = _unpack(spec, flat)
-        cdt = spec.compute_dtype
+        gdt, wdt = spec.gemm_dtype, spec.work_dtype
         op = spec.op
         needs = ctx.needs_input_grad  # (spec, x, weight, bias, *flat)
         if needs[2]:
@@ -308,42 +320,42 @@ class _HiraFn(torch.autograd.Function):
         grads_flat: list = [None] * len(flat)
         with torch.autocast(spec.device_type, enabled=False):
             W = None if weight is None else (weight.t() if spec.fan_in_fan_out else weight)
-            gc = g.to(cdt)
+            gg, gw = g.to(gdt), g.to(wdt)
             if spec.include_base:
                 # grad_x = g · W_eff: one GEMM on the recomputed W_eff (in both half-precision policies).
                 if needs[1]:
-                    W_eff = _w_eff(spec, W, ctx.fold, terms_p, cdt)
-                    grad_x = op.grad_input(gc, W_eff, x.shape)
+                    W_eff = _w_eff(spec, W, ctx.fold, terms_p)
+                    grad_x = op.grad_input(gg, W_eff, x.shape)
                     del W_eff
                 if any(params_need(t) for t in ctx.fold):
-                    G = op.grad_weight(gc, x.to(cdt), W.shape)  # the weight-gradient GEMM
-                    gM = G.mul_(W.to(cdt))
+                    G = op.grad_weight(gw, x.to(wdt), W.shape)  # the weight-gradient GEMM
+                    gM = G.mul_(W.to(wdt))
                     del G
                     for t in ctx.fold:
-                        _scatter_grads(spec, t, gM, _work_params(terms_p[t], cdt), terms_p[t], grads_flat, needs)
+                        _scatter_grads(spec, t, gM, _work_params(terms_p[t], wdt), terms_p[t], grads_flat, needs)
                     del gM
                 if ctx.has_bias and needs[3]:
-                    grad_bias = op.grad_bias(gc).to(bias.dtype)
+                    grad_bias = op.grad_bias(gw).to(bias.dtype)
             # Separate terms (dropout input or custom modulator).
             for t in ctx.rest:
                 base = _param_offset(spec, t)
                 R = _modulator(spec, t, W)
                 xin = terms_x[t]
                 if needs[4 + base]:
-                    M = spec.factorizations[t].dense(*_work_params(terms_p[t], cdt))
-                    delta = M.mul_(R.to(cdt))
+                    M = spec.factorizations[t].dense(*_work_params(terms_p[t], wdt))
+                    delta = M.mul_(R.to(wdt)).to(gdt)
                     del M
-                    gx_t = op.grad_input(gc, delta, xin.shape)
+                    gx_t = op.grad_input(gg, delta, xin.shape)
                     del delta
                     if spec.same_input[t]:
                         grad_x = gx_t if grad_x is None else grad_x + gx_t
                     else:
                         grads_flat[base] = gx_t.to(xin.dtype)
                 if params_need(t):
-                    G = op.grad_weight(gc, xin.to(cdt), R.shape)
-                    gM = G.mul_(R.to(cdt))
+                    G = op.grad_weight(gw, xin.to(wdt), R.shape)
+                    gM = G.mul_(R.to(wdt))
                     del G
-                    _scatter_grads(spec, t, gM, _work_params(terms_p[t], cdt), terms_p[t], grads_flat, needs)
+                    _scatter_grads(spec, t, gM, _work_params(terms_p[t], wdt), terms_p[t], grads_flat, needs)
                     del gM
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
@@ -398,7 +410,7 @@ def hira_linear(
     if bad:
         raise ValueError(f"half_mode must be 'split' or 'merged', got {bad[0]!r}")
     params = [p for t in terms for p in t.params]
-    cdt = compute_dtype(x, params)
+    gdt, wdt = compute_dtypes(x, params)
     spec = _Spec(
         op=op,
         n_terms=len(terms),
@@ -409,8 +421,8 @@ def hira_linear(
         split=[m == "split" for m in modes],
         include_base=include_base,
         fan_in_fan_out=fan_in_fan_out,
-        compute_dtype=cdt,
-        out_dtype=output_dtype(x, cdt),
+        gemm_dtype=gdt,
+        work_dtype=wdt,
         device_type=x.device.type,
         gather=gather,
     )
@@ -432,18 +444,20 @@ class _HiraEmbeddingFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cdt, gather, ids, weight, *factors):
-        rows = F.embedding(ids, weight).to(cdt)
-        out = None
-        for A, B in zip(factors[0::2], factors[1::2]):
-            mod = F.embedding(ids, A.t()).to(cdt) @ B.to(cdt).t()
-            out = rows * mod if out is None else out + rows * mod
+        with torch.autocast(ids.device.type, enabled=False):  # an embedding lookup is not autocast: neither is this
+            rows = F.embedding(ids, weight).to(cdt)
+            out = None
+            for A, B in zip(factors[0::2], factors[1::2]):
+                mod = F.embedding(ids, A.t()).to(cdt) @ B.to(cdt).t()
+                out = rows * mod if out is None else out + rows * mod
         ctx.cdt, ctx.gather = cdt, gather
         ctx.save_for_backward(ids, weight, *factors)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        with ctx.gather() if ctx.gather is not None else contextlib.nullcontext():
+        gather = ctx.gather() if ctx.gather is not None else contextlib.nullcontext()
+        with gather, torch.autocast(g.device.type, enabled=False):
             ids, weight, *factors = ctx.saved_tensors
             cdt = ctx.cdt
             gr = g.to(cdt) * F.embedding(ids, weight).to(cdt)  # (..., dim)

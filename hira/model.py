@@ -102,13 +102,13 @@ def _finalize_adapter(model, adapter: str, layers_pattern=None) -> None:
                 continue
             if isinstance(other, HiraFamilyMixin):
                 with _zero3.gather([other.get_base_layer().weight], site="read"):
-                    w = other._original_weight_oi().detach().float().clone()
+                    w = other._original_weight_oi().detach().clone()
             else:
                 w = getattr(other, "weight", None)
                 if w is None:
                     continue
                 with _zero3.gather([w], site="read"):
-                    w = w.detach().float().clone()
+                    w = w.detach().clone()
                     if getattr(layer, "fan_in_fan_out", False):
                         w = w.t()
             if w.shape == (layer.out_features, layer.in_features):

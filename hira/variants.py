@@ -116,14 +116,15 @@ def hash_uniform(shape: tuple[int, ...], seed: int, device=None) -> torch.Tensor
 
 
 def _randomized_svd(W: torch.Tensor, rank: int, seed: int = 0, oversample: int = 10, n_iter: int = 4):
-    """Top-``rank`` SVD of W (fp32) by a seeded randomized range finder (does not touch the global RNG)."""
+    """Top-``rank`` SVD of W (fp32 or fp64): exact below 257 rows/columns, else a seeded randomized range finder
+    with power iterations (does not touch the global RNG)."""
     d, n = W.shape
     q = min(rank + oversample, d, n)
     if q >= min(d, n) or min(d, n) <= 256:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         return U[:, :rank], S[:rank], Vh[:rank]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    Om = torch.randn(n, q, generator=gen).to(W.device)
+    Om = torch.randn(n, q, generator=gen).to(device=W.device, dtype=W.dtype)
     Y = W @ Om
     for _ in range(n_iter):
         Y, _ = torch.linalg.qr(Y)
@@ -203,7 +204,7 @@ class AdapterVariant:
             return lambda: hash_uniform(shape, seed, device)
         if self.modulator == "lowrank":
             U, V = layer.hira_mod_U[adapter], layer.hira_mod_V[adapter]
-            return lambda: U.float() @ V.float()
+            return lambda: U @ V
         if self.modulator == "smooth":
             if adapter not in layer.hira_mod_S:
                 raise RuntimeError(
@@ -413,21 +414,23 @@ def setup_adapter(layer, adapter: str, r: int, config) -> None:
         if v > min(d, n):
             raise ValueError(f"modulator_rank={v} exceeds min(out, in)={min(d, n)} of this layer.")
         with _zero3.gather([base.weight], site="read"):
-            W0 = layer._original_weight_oi().detach().float()
-            U, S, Vh = _randomized_svd(W0, v)
-        layer.hira_mod_U[adapter] = (U * S).contiguous()
-        layer.hira_mod_V[adapter] = Vh.contiguous()
+            W0 = layer._original_weight_oi().detach()
+            U, S, Vh = _randomized_svd(W0.to(torch.promote_types(torch.float32, W0.dtype)), v)
+        modulator_factors = ((U * S).contiguous(), Vh.contiguous())
     # "smooth" is filled by finalize_adapter() once every layer of the model is known.
 
     layer.hira_variant[adapter] = spec
-    move_adapter_to_base_device(layer, adapter)
+    move_adapter_to_base_device(layer, adapter)  # the factors: base layer's device and dtype, as PEFT's own
+    if modulator == "lowrank":  # the fixed modulator keeps its precision (>= fp32) on a half-precision model
+        dev = base.weight.device
+        layer.hira_mod_U[adapter], layer.hira_mod_V[adapter] = (t.to(dev) for t in modulator_factors)
 
 
 def set_smooth_modulator(layer, adapter: str, neighbours: list[torch.Tensor]) -> None:
     """The ``smooth`` modulator of ``layer``: the element-wise mean of ``neighbours`` (out×in weights of the same
     module in the layers below, at and above, this layer's own included)."""
-    S = neighbours[0].float().clone()
+    dt = torch.promote_types(torch.float32, neighbours[0].dtype)
+    S = neighbours[0].to(dt).clone()
     for w in neighbours[1:]:
-        S = S + w.float().to(S.device)
-    layer.hira_mod_S[adapter] = S / len(neighbours)
-    move_adapter_to_base_device(layer, adapter)
+        S = S + w.to(device=S.device, dtype=dt)
+    layer.hira_mod_S[adapter] = (S / len(neighbours)).to(layer.get_base_layer().weight.device)
