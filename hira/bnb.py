@@ -7,8 +7,8 @@ quantised weight object exactly (no division by ``1 + B·A``, no second round of
 
 bitsandbytes' CPU fast path for 4-bit (AVX512-BF16 machines) repacks the weight in place the first time the layer
 runs in eval mode; the packed layout is not the one its dequantisation reads, so a HiRA-wrapped layer keeps the
-standard layout (the repacking is switched off on the wrapped layer, and a weight packed before wrapping is
-unpacked with bitsandbytes' own inverse).
+standard layout: the repacking is switched off on the wrapped layer, and a weight already packed before wrapping
+is refused (bitsandbytes' inverse of the packing is only approximate for nested quantisation statistics).
 """
 
 from __future__ import annotations
@@ -136,13 +136,15 @@ class Linear4bit(_QuantMixin, stock_bnb().Linear4bit):
 
 def _standard_4bit_layout(base) -> None:
     """Keep a 4-bit weight in the layout ``dequantize_4bit`` reads (see the module docstring)."""
-    if getattr(base, "support_avx512bf16_for_cpu", False):
-        base.support_avx512bf16_for_cpu = False
     state = getattr(base.weight, "quant_state", None)
     if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+        raise ValueError(
+            "This 4-bit layer already ran in eval mode on a CPU with AVX512-BF16, and bitsandbytes repacked its "
+            "weight into a CPU-only layout whose standard form (the one HiRA's W0 ⊙ M reads) it restores only "
+            "approximately. Apply HiRA before the model's first eval-mode forward (e.g. right after loading it)."
+        )
+    if getattr(base, "support_avx512bf16_for_cpu", False):
+        base.support_avx512bf16_for_cpu = False
 
 
 def dispatch_bnb_8bit(target: torch.nn.Module, adapter_name: str, hira_config, **kwargs):

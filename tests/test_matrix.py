@@ -29,6 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hira
+from hira_reference import bnb_dequantized, bnb_quantised_like, ref_hash_uniform, rel, truncated_svd
 
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -185,30 +186,7 @@ def layer_of(model):
 # ================================================================================================ fp64 reference
 
 
-_M32 = 0xFFFFFFFF
-
-
-def ref_hash_uniform(shape, seed):
-    """The random modulator's spec (variants.py docstring), element by element in Python integers."""
-    s = ((seed * 0x9E3779B1) ^ 0x85EBCA6B) & _M32
-    out = []
-    for i in range(math.prod(shape)):
-        x = (i * 0x9E3779B1 + s) & _M32
-        for mult in (0x7FEB352D, 0x846CA68B):
-            x ^= x >> 16
-            x = (x * mult) & _M32
-        x ^= x >> 16
-        out.append((x >> 8) / (1 << 24))
-    return torch.tensor(out, dtype=torch.float64).reshape(shape)
-
-
-def dequantized(layer_module):
-    """W0 of a bitsandbytes layer, dequantised with bitsandbytes' public functions (not the tuner's)."""
-    w = layer_module.weight
-    if isinstance(w, bnb.nn.Params4bit):
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).double()
-    scb = layer_module.state.SCB if layer_module.state.SCB is not None else w.SCB
-    return (w.data.double() * scb.double().view(-1, 1) / 127.0)
+dequantized = bnb_dequantized
 
 
 def base_weight_oi(layer, layer_name):
@@ -237,11 +215,6 @@ def stored_modulator(layer, adapter):
     if adapter in getattr(layer, "hira_mod_U", {}):
         return {"R": layer.hira_mod_U[adapter].double() @ layer.hira_mod_V[adapter].double()}
     return {}
-
-
-def truncated_svd(W0, v):
-    U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
-    return (U[:, :v] * S[:v]) @ Vh[:v]
 
 
 def ref_modulator(cfg, W0, stored=None):
@@ -320,11 +293,6 @@ def reference(model, layer_name, x, adapters=("default",), requires_grad=False):
             y0 = model(x).double()
         return y0 + F.linear(x.double(), total), leaves
     return ref_apply(layer_name, base, W0 + total, x), leaves
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def compute_dtypes_of(dt_name, adapters_dtype):
@@ -522,26 +490,11 @@ def _merge_states(model, layer_name, dt_name, x, y, ref, out_tol_dtype):
     layer.unmerge()
 
 
-def _quantise_like(base, W):
-    """W (out, in) quantised by a fresh bitsandbytes layer of the same kind, dequantised again (fp64)."""
-    fresh = bnb.nn.Linear8bitLt(W.shape[1], W.shape[0], has_fp16_weights=False) if isinstance(
-        base, bnb.nn.Linear8bitLt) else bnb.nn.Linear4bit(W.shape[1], W.shape[0], quant_type=base.weight.quant_type)
-    if isinstance(base, bnb.nn.Linear8bitLt):
-        fresh.weight = bnb.nn.Int8Params(W.float().clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        fresh.weight = bnb.nn.Params4bit(W.float().clone(), requires_grad=False, quant_type=base.weight.quant_type)
-    fresh = fresh.to("cpu")
-    if isinstance(base, bnb.nn.Linear8bitLt):
-        with torch.no_grad():
-            fresh(torch.zeros(1, W.shape[1]))
-    return dequantized(fresh)
-
-
 def _check_requantised(layer, layer_name, W_ref):
     """The merged bitsandbytes weight is W0 + ΔW quantised once: compare with quantising the fp64 reference the same
     way (a few elements may land one quantisation step apart where rounding of the inputs differs)."""
     base = layer.get_base_layer()
-    expect = _quantise_like(base, W_ref)
+    expect = bnb_quantised_like(base, W_ref)
     got = dequantized(base)
     off = (got - expect).abs() > 1e-6
     assert off.float().mean() < 0.02, f"{int(off.sum())} of {off.numel()} merged weights differ from re-quantising W0+ΔW"

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hira
 from hira.variants import hash_uniform
+from hira_reference import ref_hash_uniform
 
 
 D_IN, D_OUT, R = 16, 24, 4
@@ -91,7 +92,7 @@ def ref_modulator(case, layer, name, model_base_weights):
     if mod == "weight":
         return W0
     if mod == "random":
-        return hash_uniform(tuple(W0.shape), c.get("modulator_seed", 0))
+        return ref_hash_uniform(tuple(W0.shape), c.get("modulator_seed", 0)).float()
     if mod == "lowrank":
         U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
         v = c["modulator_rank"]
@@ -340,6 +341,9 @@ def test_bhra_blocks_are_independent():
 
 
 def test_random_modulator_is_deterministic_uniform():
+    # the tensor implementation equals the element-by-element spec (Python integers), bit for bit
+    assert torch.equal(hash_uniform((7, 11), 3).double(), ref_hash_uniform((7, 11), 3))
+    assert torch.equal(hash_uniform((2, 3), 2**31 + 5).double(), ref_hash_uniform((2, 3), 2**31 + 5))
     a = hash_uniform((300, 200), 7)
     assert torch.equal(a, hash_uniform((300, 200), 7))
     assert not torch.equal(a, hash_uniform((300, 200), 8))
