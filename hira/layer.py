@@ -374,7 +374,7 @@ class _ConvMixin(HiraFamilyMixin):
 
     def _op(self):
         base = self.get_base_layer()
-        return ConvOp(base.weight.dim() - 2, base.stride, base.padding, base.dilation)
+        return ConvOp(len(base.kernel_size), base.stride, base.padding, base.dilation)  # not weight.dim(): ZeRO-3
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self._adapters_to_apply(self.hira_A.keys())

@@ -61,6 +61,13 @@ def main():
             opt.step()
             losses.append(loss.item())
         partitioned = None
+        with torch.no_grad():
+            ids = data[0]
+            with model.disable_adapter():
+                base_loss = model(ids, labels=ids).loss.item()
+            model.merge_adapter()
+            merged_loss = model(ids, labels=ids).loss.item()
+        gathered = {}
     else:
         import deepspeed
         import torch.distributed as dist
@@ -95,10 +102,22 @@ def main():
             t = loss.detach().clone()
             dist.all_reduce(t)
             losses.append((t / world).item())
+        # Merge on the engine after training (the tuner gathers W0 and the factors: outside the engine's own
+        # forward DeepSpeed does not), then the loss of the full first batch on every rank.
+        from hira import _zero3
+
+        base_loss = None
+        _zero3.gathered.clear()
+        with torch.no_grad():
+            engine.module.merge_adapter()
+            gathered = dict(_zero3.gathered)
+            ids = data[0]
+            merged_loss = engine(ids, labels=ids).loss.item()
         if rank != 0:
             return
     with open(args.out, "w") as f:
-        json.dump({"losses": losses, "partitioned": partitioned}, f)
+        json.dump({"losses": losses, "partitioned": partitioned, "merged_loss": merged_loss, "gathered": gathered,
+                   "base_loss": base_loss if args.mode == "plain" else None}, f)
 
 
 if __name__ == "__main__":
