@@ -7,15 +7,11 @@
     model = get_peft_model(model, hira.HiraConfig(r=32, target_modules=["q_proj", "v_proj"]))
 """
 
-from . import _peft_compat
-
-
-_peft_compat.check_peft_version()  # before anything subclasses peft's HiRA classes
-
+from . import _peft_compat  # first: checks the PEFT version before anything subclasses PEFT's HiRA classes
 from .config import HiraConfig, HiraFamilyType
 from .functional import Factorization, LowRank, Term, hira_linear
 from .model import HiraModel
-from .sb import sb_init  # HiRA-SB initialisation (hira/sb.py)  # noqa: E402
+from .sb import sb_init  # HiRA-SB initialisation (hira/sb.py)
 
 
 _peft_compat.register(HiraConfig, HiraModel, HiraFamilyType.HIRA_FAMILY)
