@@ -36,6 +36,7 @@ check_peft_version()
 
 # ------------------------------------------------------------------------------------------- stock classes / helpers
 from peft import HiraConfig as StockHiraConfig  # noqa: E402
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available  # noqa: E402
 from peft.tuners._buffer_dict import BufferDict  # noqa: E402
 from peft.tuners.hira import layer as stock_layer  # noqa: E402
 from peft.tuners.hira.model import HiraModel as StockHiraModel  # noqa: E402
@@ -51,7 +52,7 @@ def stock_bnb():
 
 __all__ = [
     "BaseTunerLayer", "BufferDict", "PeftType", "StockHiraConfig", "StockHiraModel", "check_adapters_to_merge",
-    "get_pattern_key", "stock_layer", "stock_bnb",
+    "get_pattern_key", "is_bnb_4bit_available", "is_bnb_available", "stock_layer", "stock_bnb",
 ]
 
 

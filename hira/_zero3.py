@@ -22,6 +22,26 @@ import torch
 
 gathered: Counter = Counter()  # site -> number of parameters gathered by hira (diagnostics and tests)
 
+# ZeroParamStatus / GatheredParameters / ds_* attributes as used here; tested in CI with deepspeed 0.19.8.
+SUPPORTED_DEEPSPEED = ("0.14", "0.20")  # [low, high)
+_checked = False
+
+
+def _check_deepspeed_version() -> None:
+    global _checked
+    if _checked:
+        return
+    import deepspeed
+    from packaging.version import Version
+
+    low, high = map(Version, SUPPORTED_DEEPSPEED)
+    if not low <= Version(deepspeed.__version__) < high:
+        raise ImportError(
+            f"hira's ZeRO-3 support reads DeepSpeed parameter state tested with deepspeed>={low},<{high}; found "
+            f"deepspeed {deepspeed.__version__}. Install a tested version: pip install deepspeed==0.19.8"
+        )
+    _checked = True
+
 
 def is_partitioned_param(p) -> bool:
     """A ZeRO-3 managed parameter (partitioned or temporarily gathered)."""
@@ -33,6 +53,7 @@ def any_partitioned(params: Iterable) -> bool:
 
 
 def _not_available(params):
+    _check_deepspeed_version()
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     return [p for p in params if is_partitioned_param(p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
@@ -54,17 +75,13 @@ def gather(params: Iterable, modify: bool = False, site: str = "read"):
     return deepspeed.zero.GatheredParameters(missing, modifier_rank=0 if modify else None)
 
 
-def full_numel(p: torch.Tensor) -> int:
-    """Element count of a parameter, by its full (unpartitioned) size under ZeRO-3."""
-    return getattr(p, "ds_numel", None) or p.numel()
-
-
 def release(params: Iterable) -> None:
     """Re-partition ZeRO-3 params left gathered by a pass run outside the engine's forward/backward (e.g. the
     HiRA-SB gradient estimate), so later writes through :func:`gather` (``modify=True``) reach every partition."""
     params = [p for p in params if is_partitioned_param(p)]
     if not params:
         return
+    _check_deepspeed_version()
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     for p in params:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import re
 
-from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-
 from . import _zero3
 from ._names import split_layer_index
-from ._peft_compat import StockHiraModel, cast_adapter_dtype, get_pattern_key
+from ._peft_compat import StockHiraModel, cast_adapter_dtype, get_pattern_key, is_bnb_4bit_available, is_bnb_available
 from .layer import HiraFamilyMixin, dispatch_default
 from .variants import set_smooth_modulator
 
