@@ -283,21 +283,30 @@ def test_cell(layer_name, variant, dt_name, tmp_path):
     assert torch.equal(y_fresh, y_base), "a fresh adapter must not change the output"
 
     randomize(model, layer_name)
-    ref, leaves = reference(model, layer_name, x, requires_grad=True)
+    # the input gradient (what earlier layers train on) is checked too, except through a quantised base kernel
+    check_x = x.dtype.is_floating_point and not layer_name.startswith("bnb")
+    x_model = x.clone().requires_grad_(check_x)
+    x_ref = x.clone().double().requires_grad_(check_x) if check_x else x
+    ref, leaves = reference(model, layer_name, x_ref, requires_grad=True)
     with model.disable_adapter(), torch.no_grad(), autocast(dt_name):
         y_base = model(x)
     assert rel(y_base, ref) > 0.05, "the adapter's effect must dwarf every tolerance"
 
     # forward and gradients
     with autocast(dt_name):
-        y = model(x)
+        y = model(x_model)
     assert y.dtype == (ac if ac is not None and kind_of(layer_name) != "embedding" else y_base.dtype)
     out_tol_dtype = gdt if kind_of(layer_name) != "embedding" else wdt
     _assert_close(y, ref, out_tol_dtype, "forward")
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype)
     names = [k for k, p in fs.items() if p.requires_grad]
-    grads = torch.autograd.grad(y, [fs[k] for k in names], g)
-    ref_grads = torch.autograd.grad(ref, [leaves["default"][k] for k in names], g.double())
+    grads = torch.autograd.grad(y, [fs[k] for k in names] + ([x_model] if check_x else []), g)
+    ref_grads = torch.autograd.grad(ref, [leaves["default"][k] for k in names] + ([x_ref] if check_x else []),
+                                    g.double())
+    if check_x:
+        assert grads[-1].dtype == x.dtype
+        _assert_close(grads[-1], ref_grads[-1], out_tol_dtype, "grad of the input")
+        grads, ref_grads = grads[:-1], ref_grads[:-1]
     grad_dtype = work if kind_of(layer_name) != "embedding" else torch.promote_types(wdt, adapter_dtype)
     for k, gr, rg in zip(names, grads, ref_grads):
         assert gr.dtype == fs[k].dtype

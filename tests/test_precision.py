@@ -1,8 +1,9 @@
 """Mixed precision (the bf16 policy) and gradient checkpointing of the fused path.
 
-bf16 policy (documented in docs/tuner.md): ``half_precision_forward="split"`` (default) computes the forward as
-``x·W0ᵀ + x·(W0⊙M)ᵀ`` in bf16, i.e. exactly stock PEFT's numerics; ``"merged"`` uses one GEMM on ``W0⊙(1+M)`` rounded
-to bf16 (merged-weight precision). These tests measure both against an fp64 reference of the same bf16-rounded W0.
+bf16 policy (documented in docs/tuner.md): ``half_precision_forward="merged"`` (default) uses one GEMM on
+``W0⊙(1+M)`` rounded to bf16 (merged-weight precision); ``"split"`` computes the forward as ``x·W0ᵀ + x·(W0⊙M)ᵀ`` in
+bf16, the operations stock PEFT's forward performs in the same dtype. These tests measure both, and a stock-like
+dense forward, against an fp64 reference of the same bf16-rounded W0.
 """
 
 from __future__ import annotations
