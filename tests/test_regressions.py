@@ -109,6 +109,19 @@ def test_config_edited_after_construction_is_saved_as_what_it_is(tmp_path):
     assert saved["peft_type"] == "HIRA_FAMILY" and saved["modulator"] == "random"
 
 
+def test_config_edited_after_construction_saved_directly(tmp_path):
+    """The same through ``HiraConfig.save_pretrained`` (no model involved): the type is derived when saving."""
+    import json
+
+    cfg = hira.HiraConfig(r=4, target_modules=["0"])
+    cfg.variant, cfg.hilora_r2 = "hilora", 2
+    cfg.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "HIRA_FAMILY"
+    cfg.bhra_blocks = 0  # an invalid edit is refused when saving, not written
+    with pytest.raises(ValueError, match="bhra_blocks"):
+        cfg.save_pretrained(tmp_path / "bad")
+
+
 def test_config_edited_after_construction_is_validated_when_applied():
     """Guard: an edited field is validated again when the adapter is created."""
     cfg = hira.HiraConfig(r=4, target_modules=["0"], variant="bhra", bhra_blocks=2)
