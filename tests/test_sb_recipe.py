@@ -16,15 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from repo_scripts import ROOT
-
-
-ROWS = [
-    {"instruction": f"Please answer the following question with true or false, question: is {q}?\n\nAnswer format: "
-     "true/false", "input": "", "output": f"the correct answer is {a}", "answer": a}
-    for q, a in [("the sky blue", "true"), ("fire cold", "false"), ("water wet", "true"), ("ice hot", "false"),
-                 ("a cat an animal", "true"), ("paris in spain", "false"), ("two more than one", "true"),
-                 ("the sun a planet", "false")]
-]
+from test_recipes import COMMONSENSE_ROWS as ROWS
 
 
 def _random_subspace(d, n, r):

@@ -10,42 +10,36 @@ tuner's own gathering must fetch the partitioned W0 and factors), merge/unmerge 
 import argparse
 import copy
 import json
+import os
+import sys
 
 import torch
-from torch import nn
 
 
-def cases():
-    from transformers.pytorch_utils import Conv1D
-
-    return {
-        "linear": (lambda: nn.Linear(12, 10), (6, 12), {}),
-        "conv1d_tf": (lambda: Conv1D(10, 12), (6, 12), {}),
-        "embedding": (lambda: nn.Embedding(20, 8), ("ids", 20, (3, 5)), {}),
-        "conv2d_1x3": (lambda: nn.Conv2d(3, 5, (1, 3), padding=(0, 1)), (2, 3, 4, 5), {}),
-        "conv3d_1x1x3": (lambda: nn.Conv3d(3, 5, (1, 1, 3)), (2, 3, 3, 3, 5), {}),
-        "linear_hilora": (lambda: nn.Linear(12, 10), (6, 12), {"variant": "hilora", "hilora_r2": 2}),
-        "linear_bhra": (lambda: nn.Linear(12, 10), (6, 12), {"variant": "bhra", "bhra_blocks": 2}),
-        "linear_sb": (lambda: nn.Linear(12, 10), (6, 12), {"variant": "sb"}),
-        "linear_lowrank": (lambda: nn.Linear(12, 10), (6, 12), {"modulator": "lowrank", "modulator_rank": 3}),
-        "linear_random": (lambda: nn.Linear(12, 10), (6, 12), {"modulator": "random"}),
-    }
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the tiny layer tables
+from tiny_layers import build, make_input  # noqa: E402
 
 
-class Net(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
+# name: (layer of tests/tiny_layers.py, HiraConfig fields)
+CASES = {
+    "linear": ("linear", {}),
+    "conv1d_tf": ("conv1d_tf", {}),
+    "embedding": ("embedding", {}),
+    "conv2d_1x3": ("conv2d_1x3", {}),
+    "conv3d_1x1x3": ("conv3d_1x1x3", {}),
+    "linear_hilora": ("linear", {"variant": "hilora", "hilora_r2": 2}),
+    "linear_bhra": ("linear", {"variant": "bhra", "bhra_blocks": 2}),
+    "linear_sb": ("linear", {"variant": "sb"}),
+    "linear_lowrank": ("linear", {"modulator": "lowrank", "modulator_rank": 3}),
+    "linear_random": ("linear", {"modulator": "random"}),
+}
 
 
 def max_diff(a, b):
     return float((a.detach().double() - b.detach().double()).abs().max())
 
 
-def run_case(name, ctor, in_spec, extra):
+def run_case(layer_name, extra):
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     from peft import get_peft_model
@@ -53,17 +47,13 @@ def run_case(name, ctor, in_spec, extra):
     import hira
     from hira import _zero3
 
-    torch.manual_seed(0)
-    model = get_peft_model(Net(ctor()), hira.HiraConfig(r=4, target_modules=["layer"], **extra))
+    model = get_peft_model(build(layer_name, "fp32"), hira.HiraConfig(r=4, target_modules=["layer"], **extra))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "hira_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    if in_spec[0] == "ids":
-        x = torch.randint(0, in_spec[1], in_spec[2], generator=g)
-    else:
-        x = torch.randn(*in_spec, generator=g)
+    x = make_input(layer_name, "fp32")
 
     plain = copy.deepcopy(model)
     y_ref = plain(x)
@@ -134,7 +124,7 @@ def main():
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {name: run_case(name, *spec) for name, spec in cases().items()}
+    results = {name: run_case(*spec) for name, spec in CASES.items()}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 
