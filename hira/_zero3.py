@@ -17,7 +17,6 @@ import contextlib
 from collections import Counter
 from collections.abc import Iterable
 
-import torch
 
 
 gathered: Counter = Counter()  # site -> number of parameters gathered by hira (diagnostics and tests)
