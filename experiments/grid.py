@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 METHODS_FILE = os.path.join(EXPERIMENTS, "methods.yaml")
 
-GRID_KEYS = {"description", "recipe", "evaluator", "reference", "methods", "method_definitions", "paper", "scales",
+GRID_KEYS = {"title", "description", "recipe", "evaluator", "reference", "methods", "method_definitions", "paper", "scales",
              "analysis"}
 SCALE_KEYS = {"about", "ranks", "targets", "seeds", "train", "eval", "data", "lr", "sweep", "launch"}
 SWEEP_KEYS = {"seed", "train"}
@@ -202,6 +202,7 @@ class Scale:
 class Grid:
     name: str
     path: str
+    title: str
     description: str
     recipe: str
     evaluator: str | None
@@ -255,7 +256,7 @@ def load_grid(path: str) -> Grid:
         bad = [m for m in analysis.get("methods", []) + [analysis.get("full_ft")] if m and m not in methods]
         if bad:
             raise GridError(f"{path}: analysis names method(s) {bad} that are not in the grid")
-    return Grid(name=name, path=path, description=str(raw.get("description", "")).strip(), recipe=recipe,
+    return Grid(name=name, path=path, title=str(raw.get("title", name)), description=str(raw.get("description", "")).strip(), recipe=recipe,
                 evaluator=evaluator, reference=reference, methods=methods, method_specs=specs,
                 paper=raw.get("paper") or {}, scales=scales, analysis=analysis, raw=raw)
 

@@ -92,7 +92,7 @@ def gsm8k_to_metamath(rec: dict) -> dict:
     return {"query": rec["question"], "response": f"{_CALC.sub('', body).rstrip()}\nThe answer is: {final.strip()}"}
 
 
-def prepare_data(scale: G.Scale, data_dir: str) -> tuple[str, str]:
+def prepare_data(scale: G.Scale, data_dir: str, write: bool = True) -> tuple[str, str]:
     """``(flag value recorded in the cell config, path passed to the recipe)``. Files listed in ``data.train_files``
     are concatenated (and transformed) once into ``data_dir``; the config records their content hash, not a path."""
     if scale.data is None:
@@ -111,7 +111,7 @@ def prepare_data(scale: G.Scale, data_dir: str) -> tuple[str, str]:
     blob = json.dumps(rows, ensure_ascii=False).encode()
     digest = hashlib.sha256(blob).hexdigest()[:12]
     path = os.path.join(data_dir, f"train-{digest}.json")
-    if not os.path.isfile(path):
+    if write and not os.path.isfile(path):
         os.makedirs(data_dir, exist_ok=True)
         with open(path + ".tmp", "wb") as f:
             f.write(blob)
@@ -632,15 +632,17 @@ def run_grid(path: str, args) -> None:
             raise
         say(f"(not ready yet: {err})")
     runs = os.path.join(args.runs_dir, grid.name)
-    os.makedirs(runs, exist_ok=True)
-    lock = open(os.path.join(runs, f"{scale.name}.lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RunError(f"another runner is already running {grid.name} at scale {scale.name} (lock {lock.name})") from None
-    lock.write(str(os.getpid()))
-    lock.flush()
-    dataset_flag, dataset_path = prepare_data(scale, os.path.join(runs, "data"))
+    if not args.dry_run:  # a dry run writes nothing and can run beside a real one
+        os.makedirs(runs, exist_ok=True)
+        lock = open(os.path.join(runs, f"{scale.name}.lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"another runner is already running {grid.name} at scale {scale.name} "
+                           f"(lock {lock.name})") from None
+        lock.write(str(os.getpid()))
+        lock.flush()
+    dataset_flag, dataset_path = prepare_data(scale, os.path.join(runs, "data"), write=not args.dry_run)
     ctx = Context(grid, scale, args, dataset_flag, dataset_path)
     if ctx.num_processes is None:
         ctx.num_processes = scale.launch.get("num_processes") or _visible_gpus()
