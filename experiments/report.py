@@ -132,12 +132,16 @@ class Section:
             self.rows.setdefault(row_key(r), []).append(r)
         order = {(m, rk, t): (i, j, k) for i, rk in enumerate(scale.ranks) for j, t in enumerate(scale.targets)
                  for k, m in enumerate(grid.methods)}
-        self.keys = sorted(self.rows, key=lambda k: order.get(k, (99, 99, 99)))
+        self._order = order
+        self.keys = sorted(self.rows, key=self.order)
         n_sweep = sum(len(scale.lr[m].get("candidates", [])) for m in grid.methods
                       if len(scale.lr[m].get("candidates", [])) > 1) * len(scale.ranks) * len(scale.targets)
         self.planned = (1 if grid.evaluator else 0) + n_sweep + \
             len(grid.methods) * len(scale.ranks) * len(scale.targets) * len(scale.seeds)
         self.finished = len(results)
+
+    def order(self, key: tuple) -> tuple:
+        return self._order.get(key, (99, 99, 99))
 
     def label(self, key: tuple) -> str:
         method, rank, targets = key
@@ -158,6 +162,28 @@ class Section:
 
     def values(self, key: tuple, fn) -> list[float]:
         return [v for v in (fn(r) for r in self.rows[key]) if v is not None]
+
+    def comparisons(self) -> list[tuple]:
+        """``(row, reference row, held-out loss verdict, accuracy verdict)`` for every row with a reference."""
+        items = n_items(self.rows[self.keys[0]][0])
+        out = []
+        for key in self.keys:
+            ref = self.reference_key(key)
+            if ref is None:
+                continue
+            loss = compare(self.values(key, held_out), self.values(ref, held_out), lower_is_better=True)
+            acc = compare(self.values(key, average_score), self.values(ref, average_score), lower_is_better=False,
+                          items=items)
+            out.append((key, ref, loss, acc))
+        return out
+
+    def majority(self) -> tuple[float, float] | None:
+        """Mean majority-class accuracy of the test items and its binomial standard error."""
+        maj = majority_baseline(self.rows[self.keys[0]][0])
+        if not maj:
+            return None
+        m = statistics.fmean(maj.values())
+        return m, 100 * math.sqrt((m / 100) * (1 - m / 100) / n_items(self.rows[self.keys[0]][0]))
 
 
 def held_out(r: dict) -> float | None:
@@ -205,6 +231,7 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
     lines += [f"Command: `{cmd}` — {status}. Raw results: `results/{g.name}/{s.name}-*.json`.", ""]
 
     same, bad = shared_settings(sec)
+    lines += summary_md(sec)
     lines += ["**Same for every method** (read from the raw results of the "
               f"{len(sec.final) or len(sec.sweep)} {'final' if sec.final else 'sweep'} cells): " + ", ".join(same) + "."]
     if bad:
@@ -214,10 +241,14 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
         b = r["budget"]
         budgets.setdefault(row_key(r), set()).add((b["trainable_params"], b["rule"], b["expected"]))
     broken = [k for k, v in budgets.items() if any(e is not None and t != e for t, _, e in v) or len(v) > 1]
+    ev = sec.final or ([sec.base] if sec.base else [])
+    if ev and ev[0]["config"]["eval_flags"]:
+        flags = {k: v for k, v in ev[0]["config"]["eval_flags"].items() if k != "ckpt"}
+        lines += ["", f"**Evaluation** (`eval/{g.evaluator}.py`, the same for every evaluated cell): " +
+                  ", ".join(f"`{k}={v}`" for k, v in sorted(flags.items())) + "."]
     lines += ["", "**Parameter budget** (rank r; checked on the meta device before training and in every run): " +
-              "; ".join(f"{sec.label(k) if k in sec.rows else k[0]} {fmt_params(next(iter(v))[0])} "
-                        f"({next(iter(v))[1]})" for k, v in sorted(budgets.items(), key=lambda kv: sec.keys.index(kv[0])
-                                                                       if kv[0] in sec.keys else 99))
+              "; ".join(f"{sec.label(k)} {fmt_params(next(iter(v))[0])} "
+                        f"({next(iter(v))[1]})" for k, v in sorted(budgets.items(), key=lambda kv: sec.order(kv[0])))
               + (". Every run trained exactly its budget." if not broken else
                  f". **Budget mismatch in {sorted(broken)}.**"), ""]
 
@@ -235,12 +266,89 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
     return lines
 
 
+def summary_md(sec: Section) -> list[str]:
+    """"In short": what this section's results say, in sentences generated from them (nothing typed in)."""
+    g = sec.grid
+    out = []
+    budgets = {}
+    for r in sec.final + sec.sweep:
+        budgets.setdefault(r["budget"]["trainable_params"], set()).add(g.label(r["method"]))
+    if len(sec.scale.ranks) == 1 and len(sec.scale.targets) == 1:
+        out.append("Trainable parameters: " + "; ".join(
+            f"{', '.join(sorted(ms))}: {n:,}" for n, ms in sorted(budgets.items(), key=lambda kv: -len(kv[1]))) + ".")
+    if not sec.rows:
+        out.append(f"No final cell has finished yet ({len(sec.sweep)} sweep cells have); the comparisons appear when "
+                   "they do.")
+        return ["**In short** (generated from the results below):", ""] + [f"- {b}" for b in out] + [""]
+    comps = sec.comparisons()
+    ref = g.label(g.reference)
+    for what, idx, unit in (("held-out loss", 2, "lower"), ("test accuracy", 3, "higher")):
+        better = [sec.label(c[0]) for c in comps if c[idx]["verdict"] == "better"]
+        worse = [sec.label(c[0]) for c in comps if c[idx]["verdict"] == "worse"]
+        rest = len(comps) - len(better) - len(worse)
+        text = f"{what.capitalize()} against {ref}: "
+        bits = []
+        if better:
+            bits.append(f"{'lower' if unit == 'lower' else 'higher'} (better) beyond noise for {', '.join(better)}")
+        if worse:
+            bits.append(f"{'higher' if unit == 'lower' else 'lower'} (worse) beyond noise for {', '.join(worse)}")
+        bits.append(f"{rest} of {len(comps)} comparisons within noise" if rest else "none within noise")
+        out.append(text + "; ".join(bits) + ".")
+    if sec.majority():
+        maj, se = sec.majority()
+        above = [sec.label(k) for k in sec.keys if statistics.fmean(sec.values(k, average_score)) > maj + 2 * se]
+        out.append(f"Majority-class baseline {maj:.2f} %: " + (
+            f"{len(above)} of {len(sec.keys)} rows above it by more than 2 SE ({', '.join(above)})." if above else
+            "no row is above it by more than 2 SE, so test accuracy cannot rank the methods at this scale."))
+    avg = g.paper.get("average") or {}
+    for key, rk, loss, acc in comps:
+        if key[0] in avg and rk[0] == g.reference and g.reference in avg and key[0] != g.reference:
+            d = avg[key[0]] - avg[g.reference]
+            says = "better" if d > 0 else "worse"
+            here = [f"{name}: {c['verdict']}" + (" (same direction)" if c["verdict"] == says else
+                                                  " (opposite direction)" if c.get("separated") else "")
+                    for name, c in (("accuracy", acc), ("held-out loss", loss))]
+            out.append(f"Paper: {sec.label(key)} {d:+.2f} points against {ref}; here {'; '.join(here)}.")
+    claims = analysis_claims(sec)
+    out += claims
+    if sec.scale.name != "paper" and "paper" in g.scales:
+        out.append("What this scale cannot settle: every comparison marked within noise (and any accuracy claim while "
+                   "no method clears the majority baseline). The paper's setting: "
+                   f"`python experiments/run.py experiments/{g.name}.yaml --scale paper`.")
+    return ["**In short** (sentences generated from the results below):", ""] + [f"- {b}" for b in out] + [""]
+
+
+def analysis_claims(sec: Section) -> list[str]:
+    """The rank of ΔW per method from the committed rank analysis (the paper's Fig. 4 claim: HiRA's update has a
+    high rank at LoRA's budget, LoRA's has rank r)."""
+    import json
+
+    out = []
+    pattern = os.path.join(sec.results_root, sec.grid.name, f"{sec.scale.name}-analysis-*", "analysis.json")
+    for path in sorted(glob.glob(pattern)):
+        with open(path) as f:
+            rows = [r for r in json.load(f)["rows"] if r["kind"] == "delta"]
+        by: dict = {}
+        for r in rows:
+            by.setdefault(r["ckpt"], []).append(r)
+        parts = [f"{ck} {statistics.fmean(x['num_rank'] for x in rs):.0f} (r={rs[0]['r']}, "
+                 f"min(d, n) {statistics.fmean(min(x['shape']) for x in rs):.0f})" for ck, rs in sorted(by.items())]
+        out.append("Mean numerical rank of the trained ΔW (rank analysis): " + "; ".join(parts) + ".")
+    return out
+
+
 def sweep_md(sec: Section) -> list[str]:
     g, s = sec.grid, sec.scale
     lines = []
     if sec.sweep:
         chosen, tab = G.select_lr(sec.sweep)
-        lrs = sorted({lr for rows in tab.values() for lr, _ in rows})
+        for m in g.methods:  # every planned candidate gets a column, run or not yet
+            if len(s.lr[m].get("candidates", [])) > 1:
+                for rk in s.ranks:
+                    for t in s.targets:
+                        tab.setdefault((m, rk, t), [])
+        lrs = sorted({lr for m in g.methods for lr in s.lr[m].get("candidates", [])
+                      if len(s.lr[m].get("candidates", [])) > 1})
         sw = s.sweep.get("train") or {}
         lines += [f"**Learning-rate sweep** (validation loss at the end of training, seed {s.sweep.get('seed')}, "
                   + (f"sweep-only settings {', '.join(f'`{k}={v}`' for k, v in sw.items())}; " if sw else "")
@@ -248,14 +356,14 @@ def sweep_md(sec: Section) -> list[str]:
         rows = []
         for key in sorted(tab, key=lambda k: (g.methods.index(k[0]), k[1], k[2])):
             got = dict(tab[key])
+            cand = s.lr[key[0]].get("candidates", [])
             cells = []
             for lr in lrs:
                 if lr not in got:
-                    cells.append("")
+                    cells.append("not run yet" if lr in cand else "")
                     continue
                 v = "diverged" if got[lr] is None or not math.isfinite(got[lr]) else f"{got[lr]:.4f}"
                 cells.append(f"**{v}**" if chosen.get(key) == lr else v)
-            cand = s.lr[key[0]].get("candidates", [])
             note = ""
             if len(got) < len(cand):
                 note = f"{len(got)} of {len(cand)} done"
@@ -345,25 +453,13 @@ def peak_memory_gb(r: dict) -> float | None:
 def verdicts_md(sec: Section) -> list[str]:
     lines = ["**Cell by cell**: each row against " + sec.grid.label(sec.grid.reference) +
              " (the noise rule is at the top of this file; a verdict in bold is a difference beyond noise).", ""]
-    first = sec.rows[sec.keys[0]][0]
-    items = n_items(first)
-    rows = []
-    for key in sec.keys:
-        ref = sec.reference_key(key)
-        if ref is None:
-            continue
-        loss = compare(sec.values(key, held_out), sec.values(ref, held_out), lower_is_better=True)
-        acc = compare(sec.values(key, average_score), sec.values(ref, average_score), lower_is_better=False,
-                      items=items)
-        rows.append([f"{sec.label(key)} vs {sec.label(ref)}", f"{loss['delta']:+.4f}", _verdict(loss, 4),
-                     f"{acc['delta']:+.2f}", _verdict(acc, 2)])
+    rows = [[f"{sec.label(key)} vs {sec.label(ref)}", f"{loss['delta']:+.4f}", _verdict(loss, 4),
+             f"{acc['delta']:+.2f}", _verdict(acc, 2)] for key, ref, loss, acc in sec.comparisons()]
     if rows:
         lines += table(["comparison", "Δ held-out loss", "verdict (loss)", "Δ accuracy", "verdict (accuracy)"], rows)
         lines += [""]
-    majority = majority_baseline(first)
-    if majority:
-        maj = statistics.fmean(majority.values())
-        se = 100 * math.sqrt((maj / 100) * (1 - maj / 100) / items)
+    if sec.majority():
+        maj, se = sec.majority()
         above = [sec.label(k) for k in sec.keys if statistics.fmean(sec.values(k, average_score)) > maj + 2 * se]
         lines += [f"Against the majority-class baseline ({maj:.2f} %, test-sample SE {se:.2f}): "
                   + (f"above it by more than 2 SE: {', '.join(above)}." if above else
