@@ -648,7 +648,7 @@ def build(args, explicit_grids: bool, plot_dir: str, draw: bool = True) -> str:
         "parameters, wall time, peak memory, package versions, git revision), which `experiments/run.py` wrote "
         "while running the recipes and evaluators through their command lines. Nothing is typed in; the paper's "
         "numbers come from the grid files. Each section states the scale its numbers come from: the `cpu` scale "
-        "is a 135M-parameter model trained for minutes, **not** the paper's setting, and cannot confirm or refute "
+        "is a small model trained for minutes on a CPU, **not** the paper's setting, and cannot confirm or refute "
         "the paper's accuracy claims; the `paper` scale is the paper's setting for GPU users.",
         "",
         "How to read the comparisons: " + NOISE_RULE,
@@ -696,7 +696,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
-    print(f"wrote {args.out} and {os.path.relpath(plot_dir, os.getcwd())}/")
+    print(f"wrote {args.out}" + (f" and plots in {plot_dir}" if os.path.isdir(plot_dir) else ""))
     return 0
 
 

@@ -725,10 +725,11 @@ def run_analysis(ctx: Context, chosen: dict) -> None:
     seed = ctx.scale.seeds[0]
     for rank in ctx.scale.ranks:
         for targets in ctx.scale.targets:
-            def cell_dir(method):
+            def cell_dir(method):  # where the cell trained (another grid's folder for a reused cell)
                 c = G.Cell(ctx.grid.name, ctx.scale.name, "final", method, rank, targets,
                            chosen[(method, rank, targets)], seed)
-                return os.path.join(ctx.runs, c.name, "train")
+                with open(G.result_path(ctx.args.results_dir, c)) as f:
+                    return json.load(f)["train"]["output_dir"]
 
             suffix = f"r{rank}" + ("" if targets == "default" else f"-{targets}")
             out = os.path.join(G.results_dir(ctx.args.results_dir, ctx.grid.name),

@@ -301,7 +301,12 @@ def test_smoke_grid_run_kill_resume_report(tmp_path):
 
     # 4. a second run has nothing to do
     again = runner(*args)
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 3
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4  # 3 cells + the analysis
+    analysis = json.load(open(res / "smoke" / "cpu-analysis-r4" / "analysis.json"))
+    ranks = {}
+    for row in analysis["rows"]:
+        ranks.setdefault(row["ckpt"], []).append(row["num_rank"])
+    assert max(ranks["LoRA"]) <= 4 < min(ranks["HiRA"])  # LoRA's ΔW has rank <= r, HiRA's more (after 2 steps)
 
     # 5. the report, twice: the same bytes
     md = tmp_path / "doc" / "results.md"
@@ -316,7 +321,7 @@ def test_smoke_grid_run_kill_resume_report(tmp_path):
     text = first.decode()
     assert text.startswith("Regenerate: `python experiments/report.py experiments/smoke.yaml")
     assert "| HiRA | 1e-2 | 2.0k |" in text and "| LoRA | 1e-2 | 2.0k |" in text
-    assert "LoRA vs HiRA" in text and "one seed: noise unknown" in text
+    assert "LoRA vs HiRA" in text and "one seed: noise unknown" in text and "**Rank analysis**" in text
     check = subprocess.run([sys.executable, *rep, "--check"], env=ENV, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     md.write_text(text.replace("| HiRA | 1e-2", "| HiRA | 2e-2"))  # a typed-in number is caught
@@ -328,6 +333,7 @@ def test_smoke_grid_run_kill_resume_report(tmp_path):
     reuse = runner(str(copy_path), "--results_dir", str(res), "--runs_dir", str(runs))
     assert reuse.returncode == 0, reuse.stderr[-2000:]
     assert reuse.stdout.count("reused") == 3 and "train:" not in reuse.stdout
+    assert os.path.isfile(res / "smoke_copy" / "cpu-analysis-r4" / "analysis.json")  # on the reused cells' adapters
     copied = json.load(open(res / "smoke_copy" / f"{cell['hira']}.json"))
     assert copied["reused_from"] == f"smoke/{cell['hira']}.json" and copied["grid"] == "smoke_copy"
 
