@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 METHODS_FILE = os.path.join(EXPERIMENTS, "methods.yaml")
 
-GRID_KEYS = {"title", "description", "recipe", "evaluator", "reference", "methods", "method_definitions", "paper", "scales",
-             "analysis"}
+GRID_KEYS = {"title", "description", "recipe", "evaluator", "reference", "methods", "method_definitions", "paper",
+             "scales", "analysis"}
 SCALE_KEYS = {"about", "ranks", "targets", "seeds", "train", "eval", "data", "lr", "sweep", "launch"}
 SWEEP_KEYS = {"seed", "train"}
 # What a sweep cell may do differently from a final cell: its own validation split and evaluation schedule, and (for
@@ -50,7 +50,6 @@ HARNESS_TRAIN_KEYS = {"learning_rate", "seed", "output_dir", "hira_r", "hira_tar
                       "dataset_name"}
 HARNESS_EVAL_KEYS = {"ckpt", "out", "overwrite"}
 TRANSFORMS = ("gsm8k_to_metamath",)
-STAGES = ("base", "sweep", "final")
 
 
 class GridError(ValueError):
@@ -256,7 +255,8 @@ def load_grid(path: str) -> Grid:
         bad = [m for m in analysis.get("methods", []) + [analysis.get("full_ft")] if m and m not in methods]
         if bad:
             raise GridError(f"{path}: analysis names method(s) {bad} that are not in the grid")
-    return Grid(name=name, path=path, title=str(raw.get("title", name)), description=str(raw.get("description", "")).strip(), recipe=recipe,
+    return Grid(name=name, path=path, title=str(raw.get("title", name)),
+                description=str(raw.get("description", "")).strip(), recipe=recipe,
                 evaluator=evaluator, reference=reference, methods=methods, method_specs=specs,
                 paper=raw.get("paper") or {}, scales=scales, analysis=analysis, raw=raw)
 

@@ -233,7 +233,8 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
     same, bad = shared_settings(sec)
     lines += summary_md(sec)
     lines += ["**Same for every method** (read from the raw results of the "
-              f"{len(sec.final) or len(sec.sweep)} {'final' if sec.final else 'sweep'} cells): " + ", ".join(same) + "."]
+              f"{len(sec.final) or len(sec.sweep)} {'final' if sec.final else 'sweep'} cells): "
+              + ", ".join(same) + "."]
     if bad:
         lines += ["", "**NOT IDENTICAL across cells (the comparison is not fair):** " + "; ".join(bad)]
     budgets = {}
@@ -386,7 +387,6 @@ def sweep_md(sec: Section) -> list[str]:
 
 
 def results_md(sec: Section) -> list[str]:
-    g = sec.grid
     first = sec.rows[sec.keys[0]][0]
     tasks = list(task_scores(first))
     items = n_items(first)
@@ -493,17 +493,19 @@ def paper_md(sec: Section) -> list[str]:
         acc = compare(sec.values(key, average_score), sec.values(rk, average_score), False, n_items(sec.rows[key][0]))
         loss = compare(sec.values(key, held_out), sec.values(rk, held_out), True)
         paper_says = "worse" if paper_delta < 0 else "better"
-
-        def outcome(c):
-            if not c.get("separated"):
-                return "not resolved here (within noise)"
-            return "same direction as the paper" if c["verdict"] == paper_says else "**opposite to the paper**"
-
-        rows.append([f"{sec.label(key)} vs {sec.label(rk)}", f"{avg[method]:.2f} vs {avg[ref]:.2f} ({paper_delta:+.2f})",
-                     f"{acc['delta']:+.2f}: {outcome(acc)}", f"{loss['delta']:+.4f}: {outcome(loss)}"])
+        rows.append([f"{sec.label(key)} vs {sec.label(rk)}",
+                     f"{avg[method]:.2f} vs {avg[ref]:.2f} ({paper_delta:+.2f})",
+                     f"{acc['delta']:+.2f}: {_outcome(acc, paper_says)}",
+                     f"{loss['delta']:+.4f}: {_outcome(loss, paper_says)}"])
     if rows:
         lines += table(["comparison", "paper (accuracy)", "here: accuracy", "here: held-out loss"], rows) + [""]
     return lines
+
+
+def _outcome(c: dict, paper_says: str) -> str:
+    if not c.get("separated"):
+        return "not resolved here (within noise)"
+    return "same direction as the paper" if c["verdict"] == paper_says else "**opposite to the paper**"
 
 
 def analysis_md(sec: Section, out_dir: str) -> list[str]:
@@ -682,7 +684,10 @@ def main(argv=None) -> int:
     try:
         if args.check:
             text = build(args, explicit, plot_dir, draw=False)
-            current = open(args.out).read() if os.path.isfile(args.out) else None
+            current = None
+            if os.path.isfile(args.out):
+                with open(args.out) as f:
+                    current = f.read()
             if current != text:
                 print(f"{args.out} is not what the results give; run: {regenerate_command(args, explicit)}",
                       file=sys.stderr)

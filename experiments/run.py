@@ -189,7 +189,8 @@ def parse_recipe_flags(recipe, argv: list[str], where: str):
             return recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, argv))
     except SystemExit:
         lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-        raise G.GridError(f"{where}: the recipe rejects its flags: {lines[-1] if lines else 'argument error'}") from None
+        msg = lines[-1] if lines else "argument error"
+        raise G.GridError(f"{where}: the recipe rejects its flags: {msg}") from None
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise G.GridError(f"{where}: the recipe rejects its flags: {str(e).splitlines()[0]}") from None
 
@@ -427,7 +428,8 @@ def run_cell(ctx: Context, cell: G.Cell, index: str) -> dict:
             old, new = prev["config"], cell.config()
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             sub = [f"{k}.{kk}" for k in changed if isinstance(new.get(k), dict)
-                   for kk in sorted(set(old.get(k) or {}) | set(new[k])) if (old.get(k) or {}).get(kk) != new[k].get(kk)]
+                   for kk in sorted(set(old.get(k) or {}) | set(new[k]))
+                   if (old.get(k) or {}).get(kk) != new[k].get(kk)]
             raise RunError(f"{res_path} was made with another configuration (changed: {sub or changed}); restore the "
                            "grid, or move the old result away to run the cell again")
         say(f"{index} {cell.name}: finished earlier, skipped")
@@ -473,7 +475,8 @@ def run_cell(ctx: Context, cell: G.Cell, index: str) -> dict:
     if "eval" in result:
         m = result["eval"]["metrics"]
         bits.append(f"test accuracy {m.get('average', m.get('accuracy')):.2f}")
-    say(f"      done: {', '.join(bits)} -> {os.path.relpath(res_path, ROOT) if res_path.startswith(ROOT) else res_path}")
+    shown = os.path.relpath(res_path, ROOT) if res_path.startswith(ROOT) else res_path
+    say(f"      done: {', '.join(bits)} -> {shown}")
     return result
 
 
@@ -497,7 +500,10 @@ def _stage_marker(cell_dir: str, stage: str) -> str:
 
 def _attempts(cell_dir: str, stage: str, add: dict | None = None) -> list[dict]:
     path = os.path.join(cell_dir, f"{stage}.attempts.json")
-    attempts = json.load(open(path)) if os.path.isfile(path) else []
+    attempts = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            attempts = json.load(f)
     if add is not None:
         attempts.append(add)
         _write_json_atomic(path, attempts)
@@ -512,7 +518,7 @@ def _train_stage(ctx: Context, cell: G.Cell, cell_dir: str) -> dict:
         ckpts = [d for d in os.listdir(out) if d.startswith("checkpoint-")] if os.path.isdir(out) else []
         if ckpts:
             flags["resume_from_checkpoint"] = "last"
-            say(f"      resuming training from {sorted(ckpts, key=lambda d: int(d.split('-')[1]))[-1]}")
+            say(f"      resuming training from {max(ckpts, key=lambda d: int(d.split('-')[1]))}")
         elif os.path.isdir(out):
             shutil.rmtree(out)  # killed before its first checkpoint: nothing worth keeping
         budget = ctx.budgets[(cell.method, cell.rank, cell.targets)]
@@ -525,7 +531,8 @@ def _train_stage(ctx: Context, cell: G.Cell, cell_dir: str) -> dict:
         _attempts(cell_dir, "train", {"command": cmd, "exit_code": rc, "wall_s": wall, "peak_rss_bytes": rss,
                                       "resumed": bool(ckpts)})
         if rc != 0:
-            raise RunError(f"{cell.name}: training failed (exit {rc}): {last_error_line(os.path.join(cell_dir, 'train.log'))}")
+            raise RunError(f"{cell.name}: training failed (exit {rc}): "
+                           f"{last_error_line(os.path.join(cell_dir, 'train.log'))}")
         with open(os.path.join(out, "run_summary.json")) as f:
             summary = json.load(f)
         if summary["trainable_params"] != budget["meta_trainable"]:
@@ -619,7 +626,8 @@ def print_fairness(ctx: Context) -> None:
     if ctx.scale.eval:
         say("evaluation for every evaluated cell: " + ", ".join(f"{k}={v}" for k, v in ctx.scale.eval.items()))
     for m in ctx.grid.methods:
-        say(f"  {ctx.grid.label(m):>10s}: " + ", ".join(f"{k}={v}" for k, v in ctx.grid.method_specs[m]["train"].items()))
+        spec = ctx.grid.method_specs[m]["train"]
+        say(f"  {ctx.grid.label(m):>10s}: " + ", ".join(f"{k}={v}" for k, v in spec.items()))
 
 
 def run_grid(path: str, args) -> None:
@@ -723,22 +731,23 @@ def _visible_gpus() -> int:
 def run_analysis(ctx: Context, chosen: dict) -> None:
     """``python -m hira.analysis`` on the first seed's adapters of ``analysis.methods`` (and full FT's ΔW)."""
     seed = ctx.scale.seeds[0]
+
+    def cell_dir(method, rank, targets):  # where the cell trained (another grid's folder for a reused cell)
+        c = G.Cell(ctx.grid.name, ctx.scale.name, "final", method, rank, targets, chosen[(method, rank, targets)], seed)
+        with open(G.result_path(ctx.args.results_dir, c)) as f:
+            return json.load(f)["train"]["output_dir"]
+
     for rank in ctx.scale.ranks:
         for targets in ctx.scale.targets:
-            def cell_dir(method):  # where the cell trained (another grid's folder for a reused cell)
-                c = G.Cell(ctx.grid.name, ctx.scale.name, "final", method, rank, targets,
-                           chosen[(method, rank, targets)], seed)
-                with open(G.result_path(ctx.args.results_dir, c)) as f:
-                    return json.load(f)["train"]["output_dir"]
 
             suffix = f"r{rank}" + ("" if targets == "default" else f"-{targets}")
             out = os.path.join(G.results_dir(ctx.args.results_dir, ctx.grid.name),
                                f"{ctx.scale.name}-analysis-{suffix}")
             cmd = [sys.executable, "-m", "hira.analysis", "--no_progress"]  # SVDs on the GPU when there is one
             for m in ctx.grid.analysis.get("methods", []):
-                cmd += ["--ckpt", cell_dir(m), "--label", ctx.grid.label(m)]
+                cmd += ["--ckpt", cell_dir(m, rank, targets), "--label", ctx.grid.label(m)]
             if ctx.grid.analysis.get("full_ft"):
-                cmd += ["--full_ft", cell_dir(ctx.grid.analysis["full_ft"])]
+                cmd += ["--full_ft", cell_dir(ctx.grid.analysis["full_ft"], rank, targets)]
             if os.path.isfile(os.path.join(out, "analysis.json")):
                 say(f"rank analysis {suffix}: finished earlier, skipped")
                 continue

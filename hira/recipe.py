@@ -203,7 +203,9 @@ def build_peft_config(hira_args: HiraArguments, model_args: Any = None, hidden_s
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__} has no field(s) {unknown} (from peft_config). Known fields: {sorted(known)}")
+            raise ValueError(
+                f"{cls.__name__} has no field(s) {unknown} (from peft_config). Known fields: {sorted(known)}"
+            )
         return cls(**kwargs)
     if method == "hira":
         import hira

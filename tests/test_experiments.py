@@ -161,8 +161,9 @@ def _sweep_result(method, lr, loss):
 
 
 def test_select_lr_takes_the_lowest_finite_validation_loss():
-    rows = [_sweep_result("hira", 1e-3, 0.40), _sweep_result("hira", 3e-3, 0.31), _sweep_result("hira", 1e-2, float("nan")),
-            _sweep_result("lora", 1e-3, 0.35), _sweep_result("lora", 3e-4, None), _sweep_result("full", 1e-5, float("inf"))]
+    rows = [_sweep_result("hira", 1e-3, 0.40), _sweep_result("hira", 3e-3, 0.31),
+            _sweep_result("hira", 1e-2, float("nan")), _sweep_result("lora", 1e-3, 0.35),
+            _sweep_result("lora", 3e-4, None), _sweep_result("full", 1e-5, float("inf"))]
     chosen, table = G.select_lr(rows)
     assert chosen == {("hira", 32, "qkvud"): 3e-3, ("lora", 32, "qkvud"): 1e-3}  # full: every run diverged
     assert [lr for lr, _ in table[("hira", 32, "qkvud")]] == [1e-3, 3e-3, 1e-2]
@@ -203,7 +204,8 @@ def test_flags_round_trip_through_the_recipe_parser():
     argv = run.to_flags({"method": "peft", "peft_config": {"peft_type": "LOHA", "r": 2}, "hira_target_modules":
                          ["q_proj", "v_proj"], "bf16": False, "learning_rate": 3e-4, "use_cpu": True})
     _, training_args, _, hira_args = run.parse_recipe_flags(recipe, argv, "t")
-    assert hira_args.peft_config == {"peft_type": "LOHA", "r": 2} and hira_args.hira_target_modules == ["q_proj", "v_proj"]
+    assert hira_args.peft_config == {"peft_type": "LOHA", "r": 2}
+    assert hira_args.hira_target_modules == ["q_proj", "v_proj"]
     assert training_args.bf16 is False and training_args.learning_rate == 3e-4
 
 
@@ -346,7 +348,8 @@ def test_changed_grid_never_mixes_results(tmp_path):
     grid = G.load_grid(path)
     scale = grid.scale("cpu")
     base = G.base_cell(grid, scale)
-    stale = {"fingerprint": "0" * 16, "config": dict(base.config(), eval_flags={**base.eval_flags, "max_new_tokens": 99})}
+    old_config = dict(base.config(), eval_flags={**base.eval_flags, "max_new_tokens": 99})
+    stale = {"fingerprint": "0" * 16, "config": old_config}
     (res / f"{base.name}.json").write_text(json.dumps(stale))
     proc = runner(path, "--results_dir", str(tmp_path / "results"), "--runs_dir", str(tmp_path / "runs"))
     assert proc.returncode == 2
