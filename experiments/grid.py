@@ -28,7 +28,7 @@ METHODS_FILE = os.path.join(EXPERIMENTS, "methods.yaml")
 
 GRID_KEYS = {"title", "description", "recipe", "evaluator", "reference", "methods", "method_definitions", "paper",
              "scales", "analysis"}
-SCALE_KEYS = {"about", "ranks", "targets", "seeds", "train", "eval", "data", "lr", "sweep", "launch"}
+SCALE_KEYS = {"about", "methods", "ranks", "targets", "seeds", "train", "eval", "data", "lr", "sweep", "launch"}
 SWEEP_KEYS = {"seed", "train"}
 # What a sweep cell may do differently from a final cell: its own validation split and evaluation schedule, and (for
 # scales where a full-length sweep is unaffordable, stated in the report) a shorter run.
@@ -186,6 +186,7 @@ def load_methods(extra: dict | None, where: str) -> dict:
 class Scale:
     name: str
     about: str
+    methods: list[str]  # the grid's methods, or the subset this scale runs
     ranks: list[int]
     targets: dict[str, list[str]]
     seeds: list[int]
@@ -249,21 +250,30 @@ def load_grid(path: str) -> Grid:
     if not isinstance(raw["scales"], dict) or not raw["scales"]:
         raise GridError(f"{path}: scales must map a scale name (cpu, paper) to its settings")
     scales = {s: _load_scale(path, s, v, methods, specs, evaluator) for s, v in raw["scales"].items()}
+    for sc in scales.values():
+        if reference not in sc.methods:
+            raise GridError(f"{path}: scales.{sc.name}.methods leaves out the reference method {reference!r}")
     analysis = raw.get("analysis")
     if analysis is not None:
         _check_keys(analysis, ANALYSIS_KEYS, f"{path}: analysis")
-        bad = [m for m in analysis.get("methods", []) + [analysis.get("full_ft")] if m and m not in methods]
-        if bad:
-            raise GridError(f"{path}: analysis names method(s) {bad} that are not in the grid")
+        for sc in scales.values():
+            bad = [m for m in analysis.get("methods", []) + [analysis.get("full_ft")] if m and m not in sc.methods]
+            if bad:
+                raise GridError(f"{path}: analysis names method(s) {bad} that scale {sc.name} does not run")
     return Grid(name=name, path=path, title=str(raw.get("title", name)),
                 description=str(raw.get("description", "")).strip(), recipe=recipe,
                 evaluator=evaluator, reference=reference, methods=methods, method_specs=specs,
                 paper=raw.get("paper") or {}, scales=scales, analysis=analysis, raw=raw)
 
 
-def _load_scale(path, name, s, methods, specs, evaluator) -> Scale:
+def _load_scale(path, name, s, grid_methods, specs, evaluator) -> Scale:
     where = f"{path}: scales.{name}"
     _check_keys(s, SCALE_KEYS, where)
+    methods = s.get("methods", grid_methods)
+    if not isinstance(methods, list) or not methods or len(set(methods)) != len(methods) or \
+            any(m not in grid_methods for m in methods):
+        raise GridError(f"{where}.methods must be distinct methods of the grid {grid_methods}, got {methods!r}")
+    methods = [m for m in grid_methods if m in methods]  # the grid's order
     for key in ("ranks", "seeds", "train", "lr"):
         if key not in s:
             raise GridError(f"{where}: missing key {key!r}")
@@ -326,7 +336,7 @@ def _load_scale(path, name, s, methods, specs, evaluator) -> Scale:
     _check_keys(launch, LAUNCH_KEYS, f"{where}.launch")
     if "effective_batch_size" in launch and "gradient_accumulation_steps" in train:
         raise GridError(f"{where}: launch.effective_batch_size sets gradient_accumulation_steps; do not set both")
-    return Scale(name=name, about=str(s.get("about", "")).strip(), ranks=ranks, targets=targets, seeds=seeds,
+    return Scale(name=name, about=str(s.get("about", "")).strip(), methods=methods, ranks=ranks, targets=targets, seeds=seeds,
                  train=train, eval=ev, data=data, lr=lr, sweep=sweep, launch=launch)
 
 
@@ -410,7 +420,7 @@ def base_cell(grid: Grid, scale: Scale) -> Cell | None:
 def sweep_cells(grid: Grid, scale: Scale, dataset: str) -> list[Cell]:
     """One cell per (method, rank, placement, candidate lr) for methods with several candidates; no evaluation."""
     cells = []
-    for method in grid.methods:
+    for method in scale.methods:
         lrs = scale.lr[method].get("candidates", [])
         if len(lrs) < 2:
             continue
@@ -430,7 +440,7 @@ def final_cells(grid: Grid, scale: Scale, dataset: str, chosen_lr: dict) -> list
     for seed in scale.seeds:
         for rank in scale.ranks:
             for targets in scale.targets:
-                for method in grid.methods:
+                for method in scale.methods:
                     lr = chosen_lr[(method, rank, targets)]
                     cells.append(Cell(grid.name, scale.name, "final", method, rank, targets, lr, seed,
                                       train_flags(grid, scale, method, rank, targets, lr, seed, "final", dataset),
@@ -440,7 +450,7 @@ def final_cells(grid: Grid, scale: Scale, dataset: str, chosen_lr: dict) -> list
 
 def fixed_lrs(grid: Grid, scale: Scale) -> dict:
     """Learning rates that need no sweep (one candidate)."""
-    return {(m, r, t): scale.lr[m]["candidates"][0] for m in grid.methods
+    return {(m, r, t): scale.lr[m]["candidates"][0] for m in scale.methods
             if len(scale.lr[m].get("candidates", [])) == 1 for r in scale.ranks for t in scale.targets}
 
 
@@ -496,7 +506,7 @@ def borrowed_lrs(grid: Grid, scale: Scale, results_root: str) -> dict:
     :func:`fixed_lrs`. The other grid's sweep must be finished; its chosen value is used for every rank and placement
     of this grid (the report says so)."""
     out = {}
-    for m in grid.methods:
+    for m in scale.methods:
         spec = scale.lr[m]
         if "from" not in spec:
             continue
@@ -504,7 +514,7 @@ def borrowed_lrs(grid: Grid, scale: Scale, results_root: str) -> dict:
         src = load_grid(os.path.join(os.path.dirname(os.path.abspath(grid.path)), spec["from"] + ".yaml"))
         src_scale = src.scale(scale.name)
         sm = spec["method"]
-        if sm not in src.methods:
+        if sm not in src_scale.methods:
             raise GridError(f"{where}: grid {src.name} has no method {sm!r}")
         sspec = src_scale.lr[sm]
         if "from" in sspec:

@@ -131,13 +131,13 @@ class Section:
         for r in self.final:
             self.rows.setdefault(row_key(r), []).append(r)
         order = {(m, rk, t): (i, j, k) for i, rk in enumerate(scale.ranks) for j, t in enumerate(scale.targets)
-                 for k, m in enumerate(grid.methods)}
+                 for k, m in enumerate(scale.methods)}
         self._order = order
         self.keys = sorted(self.rows, key=self.order)
-        n_sweep = sum(len(scale.lr[m].get("candidates", [])) for m in grid.methods
+        n_sweep = sum(len(scale.lr[m].get("candidates", [])) for m in scale.methods
                       if len(scale.lr[m].get("candidates", [])) > 1) * len(scale.ranks) * len(scale.targets)
         self.planned = (1 if grid.evaluator else 0) + n_sweep + \
-            len(grid.methods) * len(scale.ranks) * len(scale.targets) * len(scale.seeds)
+            len(scale.methods) * len(scale.ranks) * len(scale.targets) * len(scale.seeds)
         self.finished = len(results)
 
     def order(self, key: tuple) -> tuple:
@@ -204,7 +204,7 @@ def shared_settings(sec: Section) -> tuple[list[str], list[str]]:
     """Flags with one value in every final cell, and flags that differ between cells of a stage (final, sweep) where
     only the method's own flags, its learning rate, the seed, the rank and the placement may."""
     allowed = {"learning_rate", "seed", "hira_r", "hira_target_modules"}
-    for m in sec.grid.methods:
+    for m in sec.scale.methods:
         allowed |= set(sec.grid.method_specs[m]["train"])
 
     def scan(cells):
@@ -343,19 +343,19 @@ def sweep_md(sec: Section) -> list[str]:
     lines = []
     if sec.sweep:
         chosen, tab = G.select_lr(sec.sweep)
-        for m in g.methods:  # every planned candidate gets a column, run or not yet
+        for m in s.methods:  # every planned candidate gets a column, run or not yet
             if len(s.lr[m].get("candidates", [])) > 1:
                 for rk in s.ranks:
                     for t in s.targets:
                         tab.setdefault((m, rk, t), [])
-        lrs = sorted({lr for m in g.methods for lr in s.lr[m].get("candidates", [])
+        lrs = sorted({lr for m in s.methods for lr in s.lr[m].get("candidates", [])
                       if len(s.lr[m].get("candidates", [])) > 1})
         sw = s.sweep.get("train") or {}
         lines += [f"**Learning-rate sweep** (validation loss at the end of training, seed {s.sweep.get('seed')}, "
                   + (f"sweep-only settings {', '.join(f'`{k}={v}`' for k, v in sw.items())}; " if sw else "")
                   + "no test set is used). Bold: chosen, used by the final cells.", ""]
         rows = []
-        for key in sorted(tab, key=lambda k: (g.methods.index(k[0]), k[1], k[2])):
+        for key in sorted(tab, key=lambda k: (s.methods.index(k[0]), k[1], k[2])):
             got = dict(tab[key])
             cand = s.lr[key[0]].get("candidates", [])
             cells = []
@@ -374,8 +374,8 @@ def sweep_md(sec: Section) -> list[str]:
                 (f" {key[2]}" if len(s.targets) > 1 else "")
             rows.append([name] + cells + [note])
         lines += table(["method"] + [f"lr {G.format_lr(lr)}" for lr in lrs] + ["note"], rows) + [""]
-    borrowed = [m for m in g.methods if "from" in s.lr[m]]
-    fixed = [m for m in g.methods if len(s.lr[m].get("candidates", [])) == 1]
+    borrowed = [m for m in s.methods if "from" in s.lr[m]]
+    fixed = [m for m in s.methods if len(s.lr[m].get("candidates", [])) == 1]
     if borrowed:
         lines += ["Learning rates taken from another grid's sweep (tuned there, at its rank and placement): " +
                   ", ".join(f"{g.label(m)} from `{s.lr[m]['from']}` ({s.lr[m]['method']})" for m in borrowed) + ".",

@@ -625,7 +625,7 @@ def print_fairness(ctx: Context) -> None:
     say(f"identical for every cell: data {ctx.dataset_flag}; " + ", ".join(f"{k}={v}" for k, v in shared.items()))
     if ctx.scale.eval:
         say("evaluation for every evaluated cell: " + ", ".join(f"{k}={v}" for k, v in ctx.scale.eval.items()))
-    for m in ctx.grid.methods:
+    for m in ctx.scale.methods:
         spec = ctx.grid.method_specs[m]["train"]
         say(f"  {ctx.grid.label(m):>10s}: " + ", ".join(f"{k}={v}" for k, v in spec.items()))
 
@@ -668,7 +668,7 @@ def run_grid(path: str, args) -> None:
 
     base = G.base_cell(grid, scale)
     sweep = G.sweep_cells(grid, scale, dataset_flag)
-    placeholder = {(m, r, t): scale.lr[m].get("candidates", [1e-3])[0] for m in grid.methods
+    placeholder = {(m, r, t): scale.lr[m].get("candidates", [1e-3])[0] for m in scale.methods
                    for r in scale.ranks for t in scale.targets}
     preflight(ctx, sweep + G.final_cells(grid, scale, dataset_flag, placeholder))
     try:
@@ -679,9 +679,9 @@ def run_grid(path: str, args) -> None:
         borrowed = {}
         say(f"(not ready yet: {err})")
     print_fairness(ctx)
-    n_final = len(grid.methods) * len(scale.ranks) * len(scale.targets) * len(scale.seeds)
+    n_final = len(scale.methods) * len(scale.ranks) * len(scale.targets) * len(scale.seeds)
     say(f"cells: {1 if base else 0} untuned, {len(sweep)} learning-rate sweep, {n_final} final "
-        f"({len(grid.methods)} methods x {len(scale.ranks)} ranks x {len(scale.targets)} placements x "
+        f"({len(scale.methods)} methods x {len(scale.ranks)} ranks x {len(scale.targets)} placements x "
         f"{len(scale.seeds)} seeds)")
     if args.dry_run:
         for c in ([base] if base else []) + sweep:
@@ -699,7 +699,7 @@ def run_grid(path: str, args) -> None:
         done += 1
         sweep_results.append(run_cell(ctx, cell, f"[{done}/{total}]"))
     chosen = {**G.fixed_lrs(grid, scale), **borrowed}
-    for m in grid.methods:
+    for m in scale.methods:
         if "from" in scale.lr[m]:
             lr = borrowed[(m, scale.ranks[0], next(iter(scale.targets)))]
             say(f"  {grid.label(m)}: learning rate {lr:g}, chosen by {scale.lr[m]['from']}'s sweep "

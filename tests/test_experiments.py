@@ -76,6 +76,10 @@ BAD_GRIDS = {
     "unknown-scale-key": (_set(["scales", "cpu", "stepz"], 3), r"unknown key\(s\) \['stepz'\]"),
     "harness-key-in-train": (_set(["scales", "cpu", "train", "seed"], 3), "which the harness sets per cell"),
     "bad-budget-rule": (_add_method("x", {"budget": "about", "train": {"method": "lora"}}), "budget must be one of"),
+    "scale-method-not-in-grid": (_set(["scales", "cpu", "methods"], ["hira", "dora"]),
+                                 r"scales.cpu.methods must be distinct methods of the grid \['hira', 'lora'\]"),
+    "scale-without-reference": (lambda d: d["scales"]["cpu"].update(methods=["lora"], lr={"lora": 1e-2}),
+                                "scales.cpu.methods leaves out the reference method 'hira'"),
 }
 # found by the runner's checks (cell expansion, data preparation), still before any training
 BAD_RUNS = {
@@ -124,6 +128,9 @@ def test_shipped_grids_load():
     for p in paths + [SMOKE]:
         g = G.load_grid(p)
         assert "cpu" in g.scales and (p == SMOKE or "paper" in g.scales), p
+    t4 = G.load_grid(os.path.join(ROOT, "experiments", "table4_modulators.yaml"))
+    assert t4.scale("cpu").methods == ["hira", "hira_random"] and len(t4.scale("paper").methods) == 4
+    assert [c.method for c in G.sweep_cells(t4, t4.scale("cpu"), "d")] == ["hira_random"] * 3
     t1 = G.load_grid(os.path.join(ROOT, "experiments", "table1_commonsense.yaml"))
     assert t1.methods == ["lora", "dora", "hira", "hilora", "bhra", "hira_sb", "full", "loha"]
     for scale in t1.scales.values():
