@@ -258,7 +258,7 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
         lines += results_md(sec)
         lines += verdicts_md(sec)
         lines += paper_md(sec)
-        for name, caption in (("val_loss", "held-out loss over training steps (mean over seeds; band: min–max)"),
+        for name, caption in (("val_loss", "held-out and training loss over steps (mean over seeds; band: min–max)"),
                               ("acc_params", "test accuracy and held-out loss against trainable parameters"),
                               ("cost", "accuracy beside training time per step and peak memory")):
             if name in plots:
@@ -555,27 +555,31 @@ def make_plots(sec: Section, plot_dir: str, draw: bool = True) -> dict[str, str]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     os.makedirs(plot_dir, exist_ok=True)
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(sec.keys)}
     save = {"metadata": {"Software": None}, "dpi": 90}  # no version string: the same results give the same bytes
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for key in sec.keys:
-        by_step: dict = {}
-        for r in sec.rows[key]:
-            for step, loss in r["held_out"]["eval_loss_curve"]:
-                by_step.setdefault(step, []).append(loss)
-        steps = sorted(by_step)
-        ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=sec.label(key),
-                color=colors[key])
-        ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15,
-                        color=colors[key])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out loss (answer tokens)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{sec.grid.name} ({sec.scale.name})", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, kind in ((axes[0], "eval_loss"), (axes[1], "loss")):
+        for key in sec.keys:
+            by_step: dict = {}
+            for r in sec.rows[key]:
+                for h in r["log_history"]:
+                    if kind in h and "step" in h:
+                        by_step.setdefault(h["step"], []).append(h[kind])
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=sec.label(key),
+                    color=colors[key])
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.15,
+                            color=colors[key])
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("held-out loss (validation answers)")
+    axes[1].set_ylabel("training loss (logged)")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{sec.grid.name} ({sec.scale.name})", fontsize=9)
     fig.tight_layout()
     fig.savefig(paths["val_loss"], **save)
     plt.close(fig)
