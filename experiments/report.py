@@ -393,7 +393,10 @@ def results_md(sec: Section) -> list[str]:
     majority = majority_baseline(first)
     lines = [f"**Results** (final cells; mean ± std over seeds {', '.join(map(str, sec.scale.seeds))}; "
              f"{items} test items{' in ' + str(len(tasks)) + ' tasks' if len(tasks) > 1 else ''}). "
-             "Held-out loss: response-only loss on the validation records at the last step (lower is better).", ""]
+             "Held-out loss: response-only loss on the validation records (lower is better) of the model the run kept"
+             + (" (the best checkpoint by this same validation loss, as the recipe keeps it: optimistic, equally for "
+                "every method)" if any(r["held_out"].get("kept") == "best" for r in sec.final) else
+                " (the last step)") + ".", ""]
     header = ["method", "lr", "trainable", "held-out loss", "test accuracy", "s/step", "peak memory"]
     rows = []
     for key in sec.keys:

@@ -380,17 +380,24 @@ class Context:
         self.dataset_flag, self.dataset_path = dataset_flag, dataset_path
         self.runs = os.path.join(args.runs_dir, grid.name)
         self.budgets: dict = {}
+        self.load_best = False
         self.num_processes = args.num_processes
         self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                         TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         self.env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 
-def _held_out(log_history: list[dict], global_step: int) -> dict:
-    curve = [[h["step"], h["eval_loss"]] for h in log_history if "eval_loss" in h]
-    final = [loss for step, loss in curve if step == global_step]
-    return {"eval_loss_curve": curve, "final_eval_loss": final[-1] if final else None,
-            "final_eval_step": global_step if final else None}
+def _held_out(summary: dict, load_best: bool) -> dict:
+    """The validation loss curve and the held-out loss of the model the run kept: the best checkpoint's where the
+    recipe loads it at the end (``load_best_model_at_end``), else the last evaluation's (normally the last step)."""
+    curve = [[h["step"], h["eval_loss"]] for h in summary["log_history"] if "eval_loss" in h]
+    if load_best and summary.get("best_metric") is not None and summary.get("best_model_checkpoint"):
+        step = int(summary["best_model_checkpoint"].rstrip("/").rsplit("-", 1)[1])
+        return {"eval_loss_curve": curve, "final_eval_loss": summary["best_metric"], "final_eval_step": step,
+                "kept": "best"}
+    if not curve:
+        return {"eval_loss_curve": curve, "final_eval_loss": None, "final_eval_step": None, "kept": "last"}
+    return {"eval_loss_curve": curve, "final_eval_loss": curve[-1][1], "final_eval_step": curve[-1][0], "kept": "last"}
 
 
 def _train_speed(summary: dict) -> dict:
@@ -551,7 +558,7 @@ def _train_stage(ctx: Context, cell: G.Cell, cell_dir: str) -> dict:
     return {"train": {"summary": summary, "speed": _train_speed(summary), "attempts": attempts,
                       "command": attempts[-1]["command"], "wall_s": sum(a["wall_s"] for a in attempts),
                       "peak_rss_bytes": max(a["peak_rss_bytes"] for a in attempts), "output_dir": out},
-            "budget": budget, "held_out": _held_out(summary["log_history"], summary["global_step"]),
+            "budget": budget, "held_out": _held_out(summary, ctx.load_best),
             "log_history": summary["log_history"]}
 
 
@@ -597,6 +604,7 @@ def preflight(ctx: Context, cells: list[G.Cell]) -> None:
                              **cpu_check))
         parsed = parse_recipe_flags(recipe, argv, f"{ctx.grid.path} cell {cell.name}")
         parsed_by_key.setdefault((cell.method, cell.rank, cell.targets), parsed)
+        ctx.load_best = parsed[1].load_best_model_at_end  # a shared setting: the same for every cell
     say("parameter budgets (counted on the meta device from the model's shapes):")
     for (method, rank, targets), parsed in parsed_by_key.items():
         rule = ctx.grid.method_specs[method].get("budget", "free")

@@ -409,3 +409,16 @@ def test_a_run_that_trains_more_than_its_budget_stops_the_grid(tmp_path):
     with pytest.raises(run.RunError, match="the run trained 2,048 parameters, but the method's budget is 1,024"):
         run.run_cell(ctx, cell, "[1/1]")
     assert not os.path.exists(G.result_path(args.results_dir, cell))
+
+
+def test_held_out_loss_is_the_kept_models():
+    """The held-out loss is the one of the model the run keeps: the best checkpoint's when the recipe loads it at the
+    end (the paper setting), the last evaluation's otherwise (the cpu grids)."""
+    summary = {"log_history": [{"step": 80, "eval_loss": 0.5}, {"step": 160, "eval_loss": 0.4},
+                               {"step": 200, "loss": 0.3}, {"step": 240, "eval_loss": 0.45}],
+               "best_metric": 0.4, "best_model_checkpoint": "runs/x/train/checkpoint-160"}
+    best = run._held_out(summary, load_best=True)
+    assert (best["final_eval_loss"], best["final_eval_step"], best["kept"]) == (0.4, 160, "best")
+    last = run._held_out(summary, load_best=False)
+    assert (last["final_eval_loss"], last["final_eval_step"], last["kept"]) == (0.45, 240, "last")
+    assert last["eval_loss_curve"] == [[80, 0.5], [160, 0.4], [240, 0.45]]
