@@ -3,9 +3,9 @@
 A recipe is a short script: one formatting function (raw record -> ``{"prompt", "completion"}`` built with
 :mod:`hira.prompts`) and a YAML holding the paper's setting. Everything the three recipes have in common lives here:
 
-* :class:`HiraArguments`: the method (``hira`` by default, the HiRA family variants, and the paper's baselines ``lora``,
-  ``dora``, ``prompt_tuning``, ``p_tuning``, ``full``) and the data options, parsed by ``TrlParser`` next to TRL's
-  ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig``;
+* :class:`HiraArguments`: the method (``hira`` by default, the HiRA family variants, the paper's baselines ``lora``,
+  ``dora``, ``prompt_tuning``, ``p_tuning``, ``full``, and ``peft``: any PEFT method given by its config) and the data
+  options, parsed by ``TrlParser`` next to TRL's ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig``;
 * :func:`build_peft_config`: the PEFT config for the method, at HiRA's parameter budget where the paper matches it;
 * :func:`load_raw_dataset` / :func:`format_dataset` / :func:`split_validation` / :func:`enforce_max_length`: data from a
   Hub id or a local file/folder, a clear error for missing columns, the seeded 120-example validation split of the
@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger("hira.recipe")
 
-METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full")
+METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full", "peft")
 # The paper adapts q, k, v, up and down projections (no o_proj, no gate_proj): protocols.md §A.3.
 PAPER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Learning rates the references use per method (logged as a hint when the YAML's lr is kept for another method).
@@ -74,6 +74,14 @@ class HiraArguments:
         metadata={
             "help": "Extra `HiraConfig` fields as a JSON object (YAML: a mapping), e.g. '{\"modulator\": \"random\"}'. "
             "Passed through unchanged, so a new variant option needs no recipe change."
+        },
+    )
+    peft_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "method=peft: any PEFT config as a JSON object (YAML: a mapping) with `peft_type` and its fields, "
+            "e.g. '{\"peft_type\": \"LOHA\", \"r\": 16, \"alpha\": 32}'. `target_modules` defaults to "
+            "hira_target_modules where the config has that field."
         },
     )
     num_virtual_tokens: int = field(
@@ -123,6 +131,15 @@ class HiraArguments:
             raise ValueError(f"hira_kwargs must be a mapping, got {type(self.hira_kwargs).__name__}")
         if self.hira_variant is not None and self.method != "hira":
             raise ValueError(f"hira_variant={self.hira_variant!r} needs method=hira (got method={self.method!r})")
+        if isinstance(self.peft_config, str):
+            try:
+                self.peft_config = json.loads(self.peft_config)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"peft_config must be a JSON object, got {self.peft_config!r}: {err}") from None
+        if (self.method == "peft") != (self.peft_config is not None):
+            raise ValueError("peft_config is needed by method=peft and only by it")
+        if self.peft_config is not None and not (isinstance(self.peft_config, dict) and "peft_type" in self.peft_config):
+            raise ValueError(f"peft_config must be a mapping with a `peft_type`, got {self.peft_config!r}")
 
 
 def with_default_config(script_path: str, argv: list[str] | None = None) -> list[str]:
@@ -153,10 +170,43 @@ def resolve_resume(value: str | bool | None) -> str | bool | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _peft_config_class(peft_type: str):
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(str(peft_type).upper())
+    if cls is None:
+        raise ValueError(f"Unknown peft_type {peft_type!r}; PEFT knows {sorted(PEFT_TYPE_TO_CONFIG_MAPPING)}")
+    return cls
+
+
+def method_targets(hira_args: HiraArguments) -> list[str] | str | None:
+    """The modules the method adapts, or ``None`` for a method that targets no modules (prompts, full FT)."""
+    if hira_args.method in ("hira", "lora", "dora"):
+        return hira_args.hira_target_modules
+    if hira_args.method == "peft":
+        cls = _peft_config_class(hira_args.peft_config["peft_type"])
+        if "target_modules" in {f.name for f in fields(cls)}:
+            return hira_args.peft_config.get("target_modules", hira_args.hira_target_modules)
+    return None
+
+
 def build_peft_config(hira_args: HiraArguments, model_args: Any = None, hidden_size: int | None = None):
     """The PEFT config for ``hira_args.method`` (``None`` for full fine-tuning)."""
     method = hira_args.method
-    targets = hira_args.hira_target_modules
+    targets = method_targets(hira_args)
+    if method == "peft":
+        cls = _peft_config_class(hira_args.peft_config["peft_type"])
+        kwargs = {k: v for k, v in hira_args.peft_config.items() if k != "peft_type"}
+        kwargs.setdefault("task_type", "CAUSAL_LM")
+        if targets is not None:
+            kwargs["target_modules"] = targets
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} has no field(s) {unknown} (from peft_config). Known fields: {sorted(known)}"
+            )
+        return cls(**kwargs)
     if method == "hira":
         import hira
 
@@ -462,11 +512,11 @@ def run_recipe(
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     config = AutoConfig.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
-    low_rank = hira_args.method in ("hira", "lora", "dora")
-    if low_rank and not is_deepspeed_zero3_enabled():
+    targets = method_targets(hira_args)
+    if targets is not None and not is_deepspeed_zero3_enabled():
         # Fail before the weights load (minutes for an 8B model); under ZeRO-3 the check runs after loading instead.
         modules = model_module_names(config, training_args.trust_remote_code)
-        check_target_modules(hira_args.hira_target_modules, modules, model_args.model_name_or_path)
+        check_target_modules(targets, modules, model_args.model_name_or_path)
     model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision}
     if model_args.attn_implementation is not None:
         model_init_kwargs["attn_implementation"] = model_args.attn_implementation
@@ -481,7 +531,7 @@ def run_recipe(
     training_args.completion_only_loss = not hira_args.train_on_inputs
     if training_args.include_num_input_tokens_seen in ("no", False):
         training_args.include_num_input_tokens_seen = "non_padding"
-    if training_args.learning_rate != SUGGESTED_LR[hira_args.method]:
+    if hira_args.method in SUGGESTED_LR and training_args.learning_rate != SUGGESTED_LR[hira_args.method]:
         logger.info(
             "method=%s with learning_rate=%g (the references use about %g for this method)",
             hira_args.method,
@@ -529,8 +579,8 @@ def run_recipe(
         quantization_config=quantization_config,
         callbacks=[summary, *(callbacks or [])],
     )
-    if low_rank:
-        check_adapted_modules(trainer.model, hira_args.hira_target_modules, model_args.model_name_or_path)
+    if targets is not None:
+        check_adapted_modules(trainer.model, targets, model_args.model_name_or_path)
     if hasattr(trainer.model, "print_trainable_parameters") and trainer.accelerator.is_main_process:
         trainer.model.print_trainable_parameters()
 

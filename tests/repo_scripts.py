@@ -6,7 +6,7 @@ import os
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MODULE_PREFIX = {"eval": "hira_eval", "recipes": "recipe"}  # `eval` would shadow the builtin as a package name
+_MODULE_PREFIX = {"eval": "hira_eval", "recipes": "recipe", "experiments": "experiments"}  # `eval` is a builtin
 
 
 @functools.cache

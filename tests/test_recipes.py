@@ -375,3 +375,43 @@ def test_qhira_through_the_recipe(tmp_path):
     assert len(layers) == 10, "q,k,v,up,down of both layers must be 4-bit HiRA layers"
     assert any(not torch.equal(snap.before[n], snap.after[n]) for n in snap.before)
     assert "adapter_config.json" in os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "peft_config,trainable",
+    [
+        # LoHa at rank r/2 has LoRA's r·(in+out) per adapted layer: 2·(r/2)·(in+out) (the harness's matched budget)
+        ({"peft_type": "LOHA", "r": 2, "alpha": 4}, 2048),
+        # any other PEFT method by its config alone: IA3 learns one vector per adapted layer (feedforward: input side)
+        ({"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+         2 * (16 + 16 + 64)),
+    ],
+    ids=["loha", "ia3"],
+)
+def test_any_peft_method_by_its_config(peft_config, trainable, tmp_path):
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    snap = Snapshot()
+    argv = tiny_args(data, tmp_path / "out", method="peft", peft_config=json.dumps(peft_config))
+    trainer = run("commonsense", argv, callbacks=[snap])
+    assert trainer.state.global_step == 2
+    assert json.load(open(tmp_path / "out" / "run_summary.json"))["trainable_params"] == trainable
+    assert any(not torch.equal(snap.before[n], snap.after[n]) for n in snap.before), "nothing trained"
+    cfg = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert cfg["peft_type"] == peft_config["peft_type"]
+    if "target_modules" not in peft_config:  # defaults to the recipe's targets (q,k,v,up,down)
+        assert sorted(cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize(
+    "peft_config,match",
+    [('{"peft_type": "LOHA", "r": 2, "rank": 3}', r"LoHaConfig has no field\(s\) \['rank'\]"),
+     ('{"peft_type": "NOPE"}', "Unknown peft_type 'NOPE'"),
+     ('{"r": 2}', "with a `peft_type`"),
+     (None, "peft_config is needed by method=peft")],
+    ids=["unknown-field", "unknown-type", "no-type", "missing"],
+)
+def test_peft_method_config_errors(peft_config, match, tmp_path):
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    extra = {"peft_config": peft_config} if peft_config else {}
+    with pytest.raises(ValueError, match=match):
+        run("commonsense", tiny_args(data, tmp_path / "out", method="peft", **extra))
