@@ -92,7 +92,7 @@ def load_task(data_dir: str, task: str, max_examples: int | None = None) -> list
                 f"{path}, record {i}: gold answer {gold!r} is not a {folder} label ({PATTERNS[folder].pattern}). "
                 "Is this the test file of another task?"
             )
-        items.append({"id": f"{folder}/{i}", "task": folder, "prompt": commonsense_prompt(rec["instruction"]),
+        items.append({"id": f"{folder}/{i}", "task": folder, "prompt": commonsense_prompt(rec["instruction"], rec.get("input") or ""),
                       "gold": gold})
     return items
 
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
                   "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
                   "prompt": "hira.prompts.commonsense_prompt", "data_dir": os.path.abspath(data_dir)}
-    inference.check_run_config(out_dir, run_config, overwrite=args.overwrite)
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir)
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
 
     def postprocess(item: dict, text: str) -> dict:
         pred = extract_answer(item["task"], text)

@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
                   "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
                   "prompt": f"hira.prompts.metamath_prompt(cot_trigger={args.cot_trigger})", "data": source}
-    inference.check_run_config(out_dir, run_config, overwrite=args.overwrite)
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir)
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
     extract, is_correct = ANSWER_RULES[args.answer_rule]
 
     def postprocess(item: dict, text: str) -> dict:

@@ -328,7 +328,7 @@ def test_error_wrong_format_files(tmp_path):
         conv.load_convai2(str(p))
     j = tmp_path / "conv.json"
     j.write_text(json.dumps([{"context": "x", "response": "y"}]))
-    with pytest.raises(ValueError, match="HiRA ConvAI2 JSON"):
+    with pytest.raises(ValueError, match="match no ConvAI2 layout"):
         conv.load_convai2(str(j))
 
 

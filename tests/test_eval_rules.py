@@ -398,7 +398,9 @@ def test_convai2_parlai_parsing(tmp_path):
         "2 partner's persona: i am a chef.\n"
         "3 __SILENCE__\thello , what are you reading ?\n"
     )
-    ex = conv.parse_parlai(str(src))
+    from hira.convai2 import parse_parlai
+
+    ex = parse_parlai(str(src))
     assert len(ex) == 3
     assert ex[0] == {"persona": ["i like to ski.", "i have a dog: max."], "history": ["hi , how are you ?"],
                      "response": "i am great , just back from skiing ."}

@@ -75,9 +75,7 @@ def tiny_args(data, out, method="hira", **overrides):
 
 
 def run(recipe_name, argv, callbacks=None):
-    recipe = load_script("recipes", recipe_name)
-    parsed = recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, argv))
-    return recipe.main(*parsed, callbacks=callbacks)
+    return load_script("recipes", recipe_name).main(argv, callbacks=callbacks)
 
 
 class Snapshot(TrainerCallback):
