@@ -85,8 +85,10 @@ def _why(source: str, kind: str) -> str:
         return "could not be read"
     if "://" in source:
         return "could not be fetched (check the URL and that this machine can reach it)"
-    return (f"is neither a local file or folder nor a {kind} the Hub serves (offline, with HF_HUB_OFFLINE=1, only "
-            f"cached Hub {kind}s load)")
+    from huggingface_hub import constants
+
+    offline = f" (HF_HUB_OFFLINE=1: only cached Hub {kind}s load)" if constants.HF_HUB_OFFLINE else ""
+    return f"is neither a local file or folder nor a {kind} the Hub serves{offline}"
 
 
 def load_model_config(flag: str, name: str, trust_remote_code: bool = False):
