@@ -16,7 +16,7 @@ import hira
 from hira import inference
 from hira.models import resolve_model
 from hira.prompts import commonsense_prompt
-from repo_scripts import ROOT, load_script
+from repo_scripts import ROOT, assert_one_clear_line, load_script
 
 
 
@@ -368,3 +368,57 @@ def test_adapter_recorded_with_another_machines_cache_path(tmp_path, false_adapt
     json.dump(cfg, open(moved / "adapter_config.json", "w"))
     loaded = inference.load_for_inference(str(moved))
     assert loaded.info["merged"] and loaded.info["adapter"] == str(moved)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failure modes: one clear line, before the weights load; a failed run does not block its retry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def boolq_folder(tmp_path, instructions):
+    folder = tmp_path / "data" / "boolq"
+    folder.mkdir(parents=True)
+    rows = [{"instruction": q, "input": "", "output": "the correct answer is true", "answer": "true"}
+            for q in instructions]
+    (folder / "test.json").write_text(json.dumps(rows))
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights started loading")
+
+    monkeypatch.setattr(inference, "_load_model", refuse)
+
+
+@pytest.mark.parametrize("ckpt", ["runs/nope", "./runs/nope", "no-such-model"])
+def test_missing_checkpoint_is_one_line_before_any_weights(ckpt, tmp_path, no_weights):
+    data = boolq_folder(tmp_path, ["is water wet?"])
+    with pytest.raises(FileNotFoundError, match=r"runs/nope|no-such-model") as err:
+        cs.main(["--ckpt", ckpt, "--data_dir", data, "--tasks", "boolq", "--out", str(tmp_path / "o")])
+    assert_one_clear_line(err.value)
+
+
+def test_a_failed_evaluation_does_not_block_its_retry(tmp_path):
+    """A wrong --ckpt fails before the run starts, so it leaves no run record: the corrected command, same --out,
+    runs (it used to be refused as 'a different run')."""
+    data = boolq_folder(tmp_path, ["is water wet?", "is fire cold?"])
+    args = ["--data_dir", data, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "4",
+            "--out", str(tmp_path / "o")]
+    with pytest.raises(FileNotFoundError):
+        cs.main(["--ckpt", str(tmp_path / "no-such-adapter"), *args])
+    assert not (tmp_path / "o" / "run_config.json").exists()
+    summary = cs.main(["--ckpt", "tiny-llama", *args])
+    assert summary["metrics"]["per_task"]["boolq"]["n"] == 2
+    assert json.load(open(tmp_path / "o" / "run_config.json"))["ckpt"] == "tiny-llama"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_weights_load(tmp_path, no_weights):
+    data = boolq_folder(tmp_path, ["is water wet?", "is " + "very " * 2100 + "long?"])
+    with pytest.raises(ValueError, match=r"1 of 2 prompts do not fit the model's context of 2048 tokens with "
+                                         r"max_new_tokens=4 \(longest: boolq/1, \d+ prompt tokens\)") as err:
+        cs.main(["--ckpt", "tiny-llama", "--data_dir", data, "--tasks", "boolq", "--max_new_tokens", "4",
+                 "--out", str(tmp_path / "o")])
+    assert_one_clear_line(err.value)
+    assert not (tmp_path / "o" / "run_config.json").exists()

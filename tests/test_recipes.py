@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from repo_scripts import ROOT, load_script
+from repo_scripts import ROOT, assert_one_clear_line, load_script
 
 
 METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full")
@@ -373,3 +373,68 @@ def test_qhira_through_the_recipe(tmp_path):
     assert len(layers) == 10, "q,k,v,up,down of both layers must be 4-bit HiRA layers"
     assert any(not torch.equal(snap.before[n], snap.after[n]) for n in snap.before)
     assert "adapter_config.json" in os.listdir(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failure modes: one clear line, before the model loads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Reaching the trainer (which loads the weights) fails loudly: the error under test must come first."""
+    import trl
+
+    monkeypatch.setattr(trl, "SFTTrainer", None)
+
+
+def test_every_row_over_max_length_is_a_clear_error(tmp_path, no_model_loading):
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    with pytest.raises(ValueError, match=r"all 8 examples are longer than max_length=16 .*Raise --max_length") as err:
+        run("commonsense", tiny_args(data, tmp_path / "out", max_length=16))
+    assert_one_clear_line(err.value)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("last", r"holds no checkpoint-\* folder"),
+    ("runs/nope/checkpoint-7", "is not a folder"),
+    ("EMPTY_DIR", "holds no trainer_state.json"),
+])
+def test_resume_problems_are_found_before_the_model_loads(value, message, tmp_path, no_model_loading):
+    (tmp_path / "empty").mkdir()
+    value = str(tmp_path / "empty") if value == "EMPTY_DIR" else value
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    with pytest.raises(FileNotFoundError, match=message) as err:
+        run("commonsense", tiny_args(data, tmp_path / "out", resume_from_checkpoint=value))
+    assert_one_clear_line(err.value)
+
+
+def test_a_logging_integration_that_is_not_installed_is_found_before_the_model_loads(tmp_path, no_model_loading):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    with pytest.raises(ModuleNotFoundError, match=r"report_to=wandb needs the wandb package.*pip install") as err:
+        run("commonsense", tiny_args(data, tmp_path / "out", report_to="wandb"))
+    assert_one_clear_line(err.value)
+
+
+def test_commonsense_input_field_reaches_the_prompt(tmp_path):
+    """LLM-Adapters' `input` field is used when non-empty (Alpaca "paired with an input" form), as the reference
+    template does; an empty one keeps HiRA template 4. The evaluator builds the same prompt."""
+    from hira.prompts import ALPACA_HEADER_INPUT
+
+    rows = [dict(COMMONSENSE_ROWS[0], input="Context: the sky on a clear day.")] + COMMONSENSE_ROWS[1:]
+    data = write_json(tmp_path / "train.json", rows)
+    trainer = run("commonsense", tiny_args(data, tmp_path / "out", max_steps=1))
+    prompts = {r["prompt"] for r in trainer.train_dataset}
+    with_input = (f"{ALPACA_HEADER_INPUT} \n\n### Instruction:\n{rows[0]['instruction']}\n\n### Input:\n"
+                  "Context: the sky on a clear day.\n\n### Response:\n")
+    assert with_input in prompts
+    assert sum("### Input:" in p for p in prompts) == 1  # the empty inputs keep template 4
+    boolq = tmp_path / "eval" / "boolq"
+    boolq.mkdir(parents=True)
+    write_json(boolq / "test.json", rows)
+    items = load_script("eval", "commonsense").load_task(str(tmp_path / "eval"), "boolq")
+    assert items[0]["prompt"] == with_input and items[1]["prompt"] in prompts
