@@ -309,6 +309,19 @@ def check_target_modules(targets: list[str] | str, modules: dict[str, str], mode
         )
 
 
+def check_parallelism_enabled(trainer) -> None:
+    """An accelerate config asking for FSDP or DeepSpeed must get it: accelerate turns FSDP off on a CPU-only machine
+    (MULTI_CPU) and trains with DDP instead, every process holding the whole model, without a word."""
+    for var, name, enabled in (("ACCELERATE_USE_FSDP", "FSDP", trainer.is_fsdp_enabled),
+                               ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", trainer.is_deepspeed_enabled)):
+        if os.environ.get(var, "false").lower() == "true" and not enabled:
+            raise RuntimeError(
+                f"The accelerate config asks for {name}, but accelerate did not enable it (it does not on a CPU-only "
+                f"machine, where it would train with plain DDP). Launch on GPUs, or drop the {name} config "
+                "(accelerate_configs/multi_gpu.yaml is DDP)."
+            )
+
+
 def check_adapted_modules(model, targets: list[str] | str, model_name: str) -> None:
     """After PEFT wrapped the model: every requested target must have at least one adapted module."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -611,6 +624,10 @@ def run_recipe(
         quantization_config=quantization_config,
         callbacks=[summary, *(callbacks or [])],
     )
+    check_parallelism_enabled(trainer)
+    summary.extra.update(distributed_type=str(trainer.accelerator.distributed_type.value),
+                         fsdp_version=getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", None)
+                         if trainer.is_fsdp_enabled else None)
     if low_rank:
         check_adapted_modules(trainer.model, hira_args.hira_target_modules, model_args.model_name_or_path)
     if hasattr(trainer.model, "print_trainable_parameters") and trainer.accelerator.is_main_process:
