@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from hira import inference  # noqa: E402
 from hira.convai2 import load_turns  # noqa: E402
+from hira.metrics import corpus_bleu, rouge_l  # noqa: E402
 from hira.prompts import build_example, convai2_prompt  # noqa: E402
 
 
@@ -71,24 +72,6 @@ def clean_prediction(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def corpus_bleu(preds: list[str], refs: list[list[str]]) -> float:
-    """Corpus BLEU x100: 13a tokens, 4-grams, no smoothing (any zero n-gram precision gives 0), brevity penalty."""
-    import sacrebleu
-
-    k = max(len(r) for r in refs)
-    streams = [[r[j] if j < len(r) else None for r in refs] for j in range(k)]
-    return sacrebleu.corpus_bleu(preds, streams, tokenize="13a", smooth_method="none", force=True).score
-
-
-def rouge_l(preds: list[str], refs: list[list[str]]) -> float:
-    """Mean ROUGE-L F x100 (rouge-score default tokenizer, no stemmer; best reference when there are several)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score_multi(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
-    return 100.0 * sum(scores) / len(scores)
 
 
 def _wordnet_reader_class():

@@ -422,3 +422,34 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_weights_load(tmp
                  "--out", str(tmp_path / "o")])
     assert_one_clear_line(err.value)
     assert not (tmp_path / "o" / "run_config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generic evaluator (forked tasks)
+# --------------------------------------------------------------------------------------------------------------------
+
+generic = load_script("eval", "generic")
+
+
+def test_generic_evaluator_end_to_end(tmp_path, false_adapter):
+    """The adapter answers `the correct answer is false` to its training questions: every metric of the generic
+    evaluator gives the number the references dictate, from prompts built by the commonsense recipe's formatter."""
+    rows = [{"instruction": f"Please answer the following question with true or false, question: {q}?\n\n"
+                            "Answer format: true/false", "input": "", "output": f"the correct answer is {a}"}
+            for q, a in zip(TRAIN_QUESTIONS[:4], ["false", "true", "false", "false"])]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(rows))
+    common = ["--ckpt", false_adapter, "--data_file", str(data), "--recipe", os.path.join(ROOT, "recipes",
+              "commonsense.py"), "--max_new_tokens", "8", "--out", str(tmp_path / "o")]
+    expect = {"exact_match": 75.0, "contains": 75.0, "keyword": 75.0}
+    for metric, args in (("exact_match", []), ("contains", []), ("keyword", ["--keyword_pattern", "true|false"])):
+        summary = generic.main(common + ["--metric", metric, *args])
+        assert summary["metrics"]["accuracy"] == pytest.approx(expect[metric]) and summary["metrics"]["n"] == 4
+    preds = read_jsonl(tmp_path / "o" / "predictions.jsonl")
+    assert len(preds) == 4 and {p["clean"] for p in preds} == {"the correct answer is false"}  # generated once
+    m = generic.main(common + ["--metric", "bleu_rouge"])["metrics"]
+    from hira.metrics import corpus_bleu, rouge_l
+
+    assert m["bleu"] == pytest.approx(corpus_bleu([p["clean"] for p in preds], [p["refs"] for p in preds]))
+    assert m["rougeL"] == pytest.approx(rouge_l([p["clean"] for p in preds], [p["refs"] for p in preds]))
+    assert 0 < m["rougeL"] < 100
