@@ -52,7 +52,12 @@ CONVAI2_ROWS = [
          {"history": ["__ SILENCE __", "hello ! i just finished grading papers .", "what do you teach ?"],
           "candidates": ["cats", "math , and then i eat pizza ."]}]},
 ] * 2
-ROWS = {"commonsense": COMMONSENSE_ROWS, "metamath": METAMATH_ROWS, "convai2": CONVAI2_ROWS}
+# A few training rows per recipe: test_two_steps runs every method on each (a forked recipe adds its own entry).
+ROWS = {
+    "commonsense": COMMONSENSE_ROWS,
+    "metamath": METAMATH_ROWS,
+    "convai2": CONVAI2_ROWS,
+}
 
 
 def write_json(path, rows):
@@ -100,7 +105,7 @@ def expected_trainable(method, model):
     }.get(method)
 
 
-@pytest.mark.parametrize("recipe_name", ["commonsense", "metamath", "convai2"])
+@pytest.mark.parametrize("recipe_name", list(ROWS))
 @pytest.mark.parametrize("method", METHODS)
 def test_two_steps(recipe_name, method, tmp_path):
     data = write_json(tmp_path / "train.json", ROWS[recipe_name])
@@ -113,7 +118,8 @@ def test_two_steps(recipe_name, method, tmp_path):
     if method in ("hira", "lora", "dora"):  # adapters only: the base weights never train
         assert all(("hira_" in n or "lora_" in n) for n in snap.before)
     summary = json.load(open(tmp_path / "out" / "run_summary.json"))
-    assert summary["method"] == method and summary["steps"] == 2 and summary["train_tokens"] > 0
+    assert summary["task"] == recipe_name and summary["method"] == method  # a fork names its own task
+    assert summary["steps"] == 2 and summary["train_tokens"] > 0
     expected = expected_trainable(method, trainer.model)
     if expected is not None:
         assert summary["trainable_params"] == expected
