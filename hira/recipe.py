@@ -221,7 +221,7 @@ def check_report_to(report_to: list[str] | str | None) -> None:
     for name in names:
         pkg = packages.get(name)
         if pkg is not None and importlib.util.find_spec(pkg) is None:
-            extra = f" (or `pip install -e .[{name}]`)" if name in ("wandb", "trackio") else ""
+            extra = f" (or `pip install -e \".[{name}]\"`)" if name in ("wandb", "trackio") else ""
             raise ModuleNotFoundError(
                 f"report_to={name} needs the {pkg} package, which is not installed: `pip install {pkg}`{extra}, or "
                 "pass --report_to none."

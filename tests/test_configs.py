@@ -187,3 +187,25 @@ def test_accelerate_configs_load(path):
         pytest.skip("not a config")
     config = load_config_from_file(os.path.join(ROOT, "accelerate_configs", path))
     assert config.num_processes >= 1
+
+
+def test_multi_node_commands_parse():
+    """Every `accelerate launch` of docs/recipes.md's multi-node section parses with accelerate's launch parser and
+    names a config and a recipe that exist (the commands themselves need several machines)."""
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    with open(os.path.join(ROOT, "docs", "recipes.md")) as f:
+        section = f.read().split("## Multi-node", 1)[1].split("\n## ", 1)[0]
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", section, flags=re.S)).replace("\\\n", " ")
+    commands = re.findall(r"accelerate launch ([^'\n]*)", text)
+    assert len(commands) == 2
+    for command in commands:
+        command = re.sub(r"\$\(\(.*?\)\)", "16", command)
+        command = re.sub(r"\$\w+", "1", command)
+        args = launch_command_parser().parse_args(shlex.split(command))
+        assert os.path.isfile(os.path.join(ROOT, args.config_file))
+        assert os.path.isfile(os.path.join(ROOT, args.training_script))
+        assert args.num_machines in (1, 2)  # $SLURM_NNODES is replaced by 1 here
+        assert args.num_processes == 16 and args.main_process_port == 29500
