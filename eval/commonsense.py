@@ -92,8 +92,8 @@ def load_task(data_dir: str, task: str, max_examples: int | None = None) -> list
                 f"{path}, record {i}: gold answer {gold!r} is not a {folder} label ({PATTERNS[folder].pattern}). "
                 "Is this the test file of another task?"
             )
-        items.append({"id": f"{folder}/{i}", "task": folder, "prompt": commonsense_prompt(rec["instruction"], rec.get("input") or ""),
-                      "gold": gold})
+        prompt = commonsense_prompt(rec["instruction"], rec.get("input") or "")
+        items.append({"id": f"{folder}/{i}", "task": folder, "prompt": prompt, "gold": gold})
     return items
 
 

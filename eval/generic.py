@@ -1,6 +1,7 @@
 """Evaluate any task, a forked recipe's included: generate for a JSON of prompts and references, score with a rule.
 
-python eval/generic.py --ckpt runs/mytask --data_file data/mytask/test.json --recipe recipes/mytask.py --metric exact_match
+python eval/generic.py --ckpt runs/mytask --data_file data/mytask/test.json --recipe recipes/mytask.py \
+    --metric exact_match
 python eval/generic.py --ckpt runs/mytask --data_file prompts.jsonl --metric keyword --keyword_pattern 'yes|no'
 python eval/generic.py --ckpt runs/mytask --data_file prompts.json --metric bleu_rouge --num_beams 4
 

@@ -1,6 +1,8 @@
 """Shared machinery of the evaluators in ``eval/``: load a checkpoint, generate in batches, resume, record.
 
-``load_for_inference(ckpt)`` accepts
+``resolve_checkpoint(ckpt)`` checks what ``--ckpt`` points at from configs alone, and ``load_for_inference(ckpt)``
+loads it; ``setup_from_args`` runs every check that needs no weights (the run record in ``--out``, the checkpoint, the
+prompts against the model's context) before the weights load, and writes the run record once they have. ``--ckpt`` is
 
 * an adapter directory (``adapter_config.json``): the base model comes from the adapter config (``--base_model``
   overrides it), the adapter is merged into the base weights before generating (HiRA merges exactly, so the merged
@@ -128,7 +130,7 @@ def resolve_checkpoint(ckpt: str, base_model: str | None = None) -> Checkpoint:
         )
     adapter_cfg_path = os.path.join(resolved, "adapter_config.json")
     if not os.path.isfile(adapter_cfg_path):
-        config = _model_config(resolved, ckpt, "--ckpt")  # a Hub id that is not there: one clear error, no weights read
+        config = _model_config(resolved, ckpt, "--ckpt")  # a Hub id that is not there: one clear error, no weights
         return Checkpoint(ckpt=ckpt, model_path=resolved, tokenizer_path=resolved, config=config, base_model=ckpt)
     with open(adapter_cfg_path) as f:
         adapter_cfg = json.load(f)

@@ -1,15 +1,19 @@
 """Shared machinery of the training recipes in ``recipes/``.
 
 A recipe is a short script: one formatting function (raw record -> ``{"prompt", "completion"}`` built with
-:mod:`hira.prompts`) and a YAML holding the paper's setting. Everything the three recipes have in common lives here:
+:mod:`hira.prompts`) and a YAML holding the paper's setting; its task is its file name, so a copy names its own.
+Everything the recipes have in common lives here:
 
 * :class:`HiraArguments`: the method (``hira`` by default, the HiRA family variants, and the paper's baselines ``lora``,
-  ``dora``, ``prompt_tuning``, ``p_tuning``, ``full``) and the data options, parsed by ``TrlParser`` next to TRL's
-  ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig``;
+  ``dora``, ``prompt_tuning``, ``p_tuning``, ``full``) and the data options;
+* :func:`parse_args`: ``TrlParser`` over TRL's ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
+  :class:`HiraArguments` with the YAML beside the script as default, strict (no abbreviations, TRL's own LoRA flags
+  refused with the right one, ``lora_alpha`` = 2r unless set);
 * :func:`build_peft_config`: the PEFT config for the method, at HiRA's parameter budget where the paper matches it;
 * :func:`load_raw_dataset` / :func:`format_dataset` / :func:`split_validation` / :func:`enforce_max_length`: data from a
-  Hub id or a local file/folder, a clear error for missing columns, the seeded 120-example validation split of the
-  HiRA authors, and an explicit, counted decision for examples that would not fit ``max_length``;
+  Hub id, a URL or a local file/folder (:mod:`hira.sources`), a clear error for missing columns, the seeded
+  120-example validation split of the HiRA authors, and an explicit, counted decision for examples that would not fit
+  ``max_length``;
 * :class:`RunSummaryCallback`: trainable parameters, tokens/s, peak memory and wall time written next to the checkpoint;
 * :func:`run_recipe`: the body every recipe's ``main`` calls.
 """
@@ -198,8 +202,8 @@ def resolve_resume(value: str | bool | None, output_dir: str) -> str | None:
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if last is None:
             raise FileNotFoundError(
-                f"resume_from_checkpoint={value}: {output_dir} holds no checkpoint-* folder. Point --output_dir at the "
-                "run to resume, or drop --resume_from_checkpoint to start a new run."
+                f"resume_from_checkpoint={value}: {output_dir} holds no checkpoint-* folder. Point --output_dir at "
+                "the run to resume, or drop --resume_from_checkpoint to start a new run."
             )
         return last
     if not os.path.isfile(os.path.join(value, "trainer_state.json")):
@@ -555,7 +559,9 @@ def run_recipe(
         raise ValueError("eval_strategy needs a validation split: set val_size > 0 or --eval_strategy no")
     if hira_args.val_size == 0 and training_args.load_best_model_at_end:
         raise ValueError("load_best_model_at_end needs a validation split (val_size > 0)")
-    if training_args.completion_only_loss is not None and training_args.completion_only_loss == hira_args.train_on_inputs:
+    if training_args.completion_only_loss is not None and (
+        training_args.completion_only_loss == hira_args.train_on_inputs
+    ):
         raise ValueError("completion_only_loss contradicts train_on_inputs: set only train_on_inputs")
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_report_to(training_args.report_to)

@@ -92,7 +92,7 @@ def _why(source: str, kind: str) -> str:
 
 
 def load_model_config(flag: str, name: str, trust_remote_code: bool = False):
-    """``(path, config)`` of a model given as a packaged alias, a local folder or a Hub id; one clear error otherwise."""
+    """``(path, config)`` of a model given as a packaged alias, a local folder or a Hub id; else one clear error."""
     from transformers import AutoConfig
 
     from hira.models import resolve_model

@@ -68,7 +68,7 @@ def personachat_dialogues():
 
 
 def prebuilt_records():
-    """The HiRA/SPT builder's instruction/output JSON (built from the HF JSON, so it spells the silence with spaces)."""
+    """The HiRA/SPT builder's instruction/output JSON (from the HF JSON, so the silence is spelt with spaces)."""
     return [{"instruction": convai2_instruction(t["persona"], t["history"]), "output": t["response"] + " "}
             for t in turn_records()]
 
@@ -90,7 +90,8 @@ def write_layout(layout, tmp_path):
         path = tmp_path / "persona-chat"
         (path / "data").mkdir(parents=True)
         for split in ("train", "validation"):
-            Dataset.from_list(personachat_dialogues()).to_parquet(str(path / "data" / f"{split}-00000-of-00001.parquet"))
+            shard = path / "data" / f"{split}-00000-of-00001.parquet"
+            Dataset.from_list(personachat_dialogues()).to_parquet(str(shard))
     elif layout == "turns_jsonl":
         path = tmp_path / "turns.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in turn_records()))

@@ -126,7 +126,8 @@ def test_bad_json_is_one_clear_error_before_the_model_loads(content, message, tm
     [
         ("dataset_name", "runs/nope", "dataset_name runs/nope is neither a local file or folder nor a dataset"),
         ("dataset_name", "data/nope.json", "dataset_name data/nope.json: no such file or folder"),
-        ("model_name_or_path", "runs/nope", "model_name_or_path runs/nope is neither a local file or folder nor a model"),
+        ("model_name_or_path", "runs/nope", "model_name_or_path runs/nope is neither a local file or folder nor a "
+                                            "model"),
         ("model_name_or_path", "./runs/nope", "model_name_or_path ./runs/nope: no such file or folder"),
     ],
 )

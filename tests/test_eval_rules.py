@@ -457,13 +457,15 @@ def test_generic_items_from_prompts_or_through_a_recipe(tmp_path):
     from hira.prompts import commonsense_prompt
 
     plain = tmp_path / "p.jsonl"
-    plain.write_text('{"prompt": "Q: 1+1?\\nA:", "reference": " 2 "}\n{"prompt": "Q: hi\\nA:", "reference": ["a", "b"]}\n')
+    plain.write_text('{"prompt": "Q: 1+1?\\nA:", "reference": " 2 "}\n'
+                     '{"prompt": "Q: hi\\nA:", "reference": ["a", "b"]}\n')
     assert generic.load_items(str(plain)) == [{"id": "generic/0", "prompt": "Q: 1+1?\nA:", "refs": ["2"]},
                                               {"id": "generic/1", "prompt": "Q: hi\nA:", "refs": ["a", "b"]}]
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps([{"instruction": "is it?", "input": "", "output": "the correct answer is true"}]))
     items = generic.load_items(str(raw), recipe=os.path.join(ROOT, "recipes", "commonsense.py"))
-    assert items == [{"id": "generic/0", "prompt": commonsense_prompt("is it?"), "refs": ["the correct answer is true"]}]
+    assert items == [{"id": "generic/0", "prompt": commonsense_prompt("is it?"),
+                      "refs": ["the correct answer is true"]}]
     with pytest.raises(ValueError, match="expected 'prompt' and 'reference'"):
         generic.load_items(str(raw))
     with pytest.raises(ValueError, match=r"does not fit the recipe's to_prompt_completion .*missing column"):
