@@ -251,7 +251,8 @@ def format_table(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data_file", required=True, help="ParlAI valid_self_original.txt, a PersonaChat / turns / "
                         "instruction-output JSON, a folder, or a Hub dataset id (hira.convai2.load_turns)")
     parser.add_argument("--split", default="validation", help="split of a Hub dataset, folder or split-keyed JSON")

@@ -171,7 +171,8 @@ def to_items(records: list[dict], source: str, max_examples: int | None = None, 
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data_file", default=None, help="GSM8K test file (jsonl question/answer, or JSON list)")
     parser.add_argument("--hub_dataset", default=None, help="e.g. openai/gsm8k (needs network)")
     parser.add_argument("--answer_rule", choices=sorted(ANSWER_RULES), default="metamath")

@@ -128,7 +128,8 @@ def evaluate(task: str, ckpt: str, data_dir: str, out: str, batch_size: int) -> 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "offline_default"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="boolq", choices=["boolq", "piqa"])

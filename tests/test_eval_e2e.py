@@ -453,3 +453,23 @@ def test_generic_evaluator_end_to_end(tmp_path, false_adapter):
     assert m["bleu"] == pytest.approx(corpus_bleu([p["clean"] for p in preds], [p["refs"] for p in preds]))
     assert m["rougeL"] == pytest.approx(rouge_l([p["clean"] for p in preds], [p["refs"] for p in preds]))
     assert 0 < m["rougeL"] < 100
+
+
+@pytest.mark.parametrize("data_dir,message", [("runs/nope", "is neither a local folder nor a dataset the Hub serves"),
+                                              ("./runs/nope", "no such file or folder")])
+def test_missing_data_dir_is_one_line_before_any_weights(data_dir, message, tmp_path, no_weights):
+    with pytest.raises(FileNotFoundError, match=message) as err:
+        cs.main(["--ckpt", "tiny-llama", "--data_dir", data_dir, "--tasks", "boolq", "--out", str(tmp_path / "o")])
+    assert_one_clear_line(err.value)
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("commonsense", ["--ckpt", "tiny-llama", "--data_d", "x"]),
+    ("gsm8k", ["--ckpt", "tiny-llama", "--max_ex", "2"]),
+    ("convai2", ["--ckpt", "tiny-llama", "--data_file", "x", "--bertscore_m", "y"]),
+    ("generic", ["--ckpt", "tiny-llama", "--data_file", "x", "--metr", "contains"]),
+])
+def test_evaluators_refuse_abbreviated_flags(script, argv, capsys):
+    with pytest.raises(SystemExit):
+        load_script("eval", script).main(argv)
+    assert "unrecognized arguments" in capsys.readouterr().err
