@@ -63,13 +63,19 @@ def test_commonsense_default_url_is_fetched_for_real(http_server, tmp_path):
     assert summary["dataset"] == f"{base}/commonsense_170k.json"
 
 
-def test_unreachable_url_is_one_clear_line(http_server, tmp_path):
-    base, _, _ = http_server
-    proc = recipe_cli("commonsense", tiny_args(f"{base}/missing.json", tmp_path / "out"), tmp_path)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("FileNotFoundError: dataset_name http://127.0.0.1") and "could not be fetched" in last
-    assert "During handling of the above exception" not in proc.stderr
+def test_unreachable_url_is_one_clear_line(http_server, tmp_path, monkeypatch):
+    import datasets
+    import trl
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # what HF_DATASETS_OFFLINE=0 sets at import
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.setattr(trl, "SFTTrainer", None)  # the error must come before the model loads
+    base, _, log = http_server
+    with pytest.raises(FileNotFoundError, match=r"dataset_name http://127\.0\.0\.1:\d+/missing\.json could not be "
+                                                r"fetched") as err:
+        load_script("recipes", "commonsense").main(tiny_args(f"{base}/missing.json", tmp_path / "out"))
+    assert_one_clear_line(err.value)
+    assert any("/missing.json" in line for line in log)  # it did ask the server
 
 
 def test_metamath_default_hf_file_layout_on_a_local_file(tmp_path):
