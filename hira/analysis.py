@@ -282,7 +282,8 @@ def make_demo_checkpoints(out: str, steps: int = 60, r: int = 2, seed: int = 0) 
 
 
 def main(argv=None) -> list[Row]:
-    ap = argparse.ArgumentParser(prog="python -m hira.analysis", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hira.analysis", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--ckpt", action="append", default=[], help="adapter directory (repeat to overlay several)")
     ap.add_argument("--label", action="append", default=None, help="legend label per --ckpt (default: folder name)")
     ap.add_argument("--full_ft", default=None, help="fully fine-tuned model of the same base (optional)")

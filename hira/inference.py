@@ -1,6 +1,8 @@
 """Shared machinery of the evaluators in ``eval/``: load a checkpoint, generate in batches, resume, record.
 
-``load_for_inference(ckpt)`` accepts
+``resolve_checkpoint(ckpt)`` checks what ``--ckpt`` points at from configs alone, and ``load_for_inference(ckpt)``
+loads it; ``setup_from_args`` runs every check that needs no weights (the run record in ``--out``, the checkpoint, the
+prompts against the model's context) before the weights load, and writes the run record once they have. ``--ckpt`` is
 
 * an adapter directory (``adapter_config.json``): the base model comes from the adapter config (``--base_model``
   overrides it), the adapter is merged into the base weights before generating (HiRA merges exactly, so the merged
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from hira.models import PACKAGED_MODELS, resolve_model
+from hira.sources import looks_local, one_line
 
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,19 @@ class LoadedModel:
     info: dict = field(default_factory=dict)  # what was loaded: recorded in metrics.json
 
 
+@dataclass
+class Checkpoint:
+    """What ``--ckpt`` points at, resolved and checked without reading any weights."""
+
+    ckpt: str
+    model_path: str  # the weights that load first: the model itself, or an adapter's base model
+    tokenizer_path: str
+    config: Any = None  # the model config of model_path
+    adapter: str | None = None
+    adapter_config: dict = field(default_factory=dict)
+    base_model: str | None = None  # as named (adapter config or --base_model)
+
+
 def load_tokenizer(path: str):
     """Tokenizer for batched generation: left padding and a real pad token (never a newly added one)."""
     from transformers import AutoTokenizer
@@ -95,20 +111,11 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_for_inference(
-    ckpt: str,
-    base_model: str | None = None,
-    merge: bool = True,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = None,
-) -> LoadedModel:
-    """Load an adapter directory, a merged model or a base model for generation (see module docstring)."""
-    from transformers import AutoModelForCausalLM
-
+def resolve_checkpoint(ckpt: str, base_model: str | None = None) -> Checkpoint:
+    """Check that ``ckpt`` (and an adapter's base model) exist and fit, reading configs only (see module docstring)."""
     resolved = os.path.expanduser(resolve_model(ckpt))
     # a Hub id is "name" or "owner/name"; anything else that does not exist locally is a missing folder
-    looks_local = os.path.isabs(resolved) or ckpt.startswith((".", "~")) or ckpt.count("/") > 1
-    if looks_local and not os.path.exists(resolved):
+    if looks_local(ckpt) and not os.path.exists(resolved):
         raise FileNotFoundError(
             f"Checkpoint {ckpt!r} does not exist. Pass --ckpt an adapter directory (with adapter_config.json), a merged "
             "model directory, a Hub model id, or a packaged alias (smollm2-135m, tiny-llama)."
@@ -121,6 +128,72 @@ def load_for_inference(
             f"{resolved} holds neither adapter_config.json (a PEFT adapter) nor config.json (a model). Point --ckpt at "
             "the checkpoint folder itself, e.g. out/commonsense/checkpoint-best."
         )
+    adapter_cfg_path = os.path.join(resolved, "adapter_config.json")
+    if not os.path.isfile(adapter_cfg_path):
+        config = _model_config(resolved, ckpt, "--ckpt")  # a Hub id that is not there: one clear error, no weights
+        return Checkpoint(ckpt=ckpt, model_path=resolved, tokenizer_path=resolved, config=config, base_model=ckpt)
+    with open(adapter_cfg_path) as f:
+        adapter_cfg = json.load(f)
+    recorded = adapter_cfg.get("base_model_name_or_path")
+    base = base_model or recorded
+    if not base:
+        raise ValueError(f"{adapter_cfg_path} names no base model; pass it with --base_model.")
+    base_path = resolve_model(base)
+    if not base_model and not os.path.exists(base_path) and os.path.basename(base_path) in PACKAGED_MODELS:
+        # trained on a packaged model converted into another machine's cache: use this machine's copy
+        base_path = resolve_model(os.path.basename(base_path))
+    if base_model and recorded:
+        _check_same_base(resolved, recorded, base_path)
+    if looks_local(base_path) and not os.path.exists(base_path):
+        raise FileNotFoundError(f"The base model {base!r} named in {adapter_cfg_path} does not exist here; pass "
+                                "--base_model to name another copy of it.")
+    config = _model_config(base_path, base, "the base model of " + resolved)
+    tok_path = resolved if os.path.isfile(os.path.join(resolved, "tokenizer_config.json")) else base_path
+    return Checkpoint(ckpt=ckpt, model_path=base_path, tokenizer_path=tok_path, config=config, adapter=resolved,
+                      adapter_config=adapter_cfg, base_model=base)
+
+
+def _model_config(path: str, name: str, what: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"Could not load model {name!r} ({what}): it is not a local folder and could not be loaded from the Hub "
+            f"({one_line(err)}). Pass an existing checkpoint folder, a reachable Hub id, or a packaged alias "
+            "(smollm2-135m, tiny-llama)."
+        ) from None
+
+
+def check_prompt_lengths(items: Sequence[dict], tokenizer, context: int | None, max_new_tokens: int) -> None:
+    """Every prompt plus ``max_new_tokens`` must fit the model's context (``max_position_embeddings``): prompts are
+    never truncated, and a model run past its context produces text the scores would silently count."""
+    if not context or not items:
+        return
+    lengths = [len(ids) for ids in tokenizer([it["prompt"] for it in items])["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n + max_new_tokens > context]
+    if over:
+        worst = max(over, key=lambda i: lengths[i])
+        raise ValueError(
+            f"{len(over)} of {len(items)} prompts do not fit the model's context of {context} tokens with "
+            f"max_new_tokens={max_new_tokens} (longest: {items[worst]['id']}, {lengths[worst]} prompt tokens). "
+            "Lower --max_new_tokens, shorten those prompts, or use a model with a longer context."
+        )
+
+
+def load_for_inference(
+    ckpt: str | Checkpoint,
+    base_model: str | None = None,
+    merge: bool = True,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    tokenizer=None,
+) -> LoadedModel:
+    """Load an adapter directory, a merged model or a base model for generation (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    target = ckpt if isinstance(ckpt, Checkpoint) else resolve_checkpoint(ckpt, base_model)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if device is None:
@@ -128,49 +201,32 @@ def load_for_inference(
 
         device = PartialState().device
 
-    adapter_cfg_path = os.path.join(resolved, "adapter_config.json")
-    info: dict = {"ckpt": ckpt}
-    if os.path.isfile(adapter_cfg_path):
+    info: dict = {"ckpt": target.ckpt}
+    model = _load_model(AutoModelForCausalLM, target.model_path, dtype)
+    if target.adapter is not None:
         _import_hira_tuner()
         from peft import PeftModel
 
-        with open(adapter_cfg_path) as f:
-            adapter_cfg = json.load(f)
-        recorded = adapter_cfg.get("base_model_name_or_path")
-        base = base_model or recorded
-        if not base:
-            raise ValueError(f"{adapter_cfg_path} names no base model; pass it with --base_model.")
-        base_path = resolve_model(base)
-        if not base_model and not os.path.exists(base_path) and os.path.basename(base_path) in PACKAGED_MODELS:
-            # trained on a packaged model converted into another machine's cache: use this machine's copy
-            base_path = resolve_model(os.path.basename(base_path))
-        if base_model and recorded:
-            _check_same_base(resolved, recorded, base_path)
+        recorded = target.adapter_config.get("base_model_name_or_path")
         try:
-            model = _load_model(AutoModelForCausalLM, base_path, dtype)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} The base model comes from {adapter_cfg_path}; pass --base_model to name "
-                                    "another copy of it.") from err
-        try:
-            model = PeftModel.from_pretrained(model, resolved)
-            _check_all_adapter_weights_used(model, resolved)
+            model = PeftModel.from_pretrained(model, target.adapter)
+            _check_all_adapter_weights_used(model, target.adapter)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(
-                f"The adapter in {resolved} does not fit the base model {base!r}: it was made for another base model "
-                f"(adapter config says {recorded!r}). Pass the right one with --base_model. Original error: {err}"
-            ) from err
-        info.update(adapter=resolved, base_model=base, peft_type=str(adapter_cfg.get("peft_type")),
-                    adapter_r=adapter_cfg.get("r"), merged=merge)
+                f"The adapter in {target.adapter} does not fit the base model {target.base_model!r}: it was made for "
+                f"another base model (adapter config says {recorded!r}). Pass the right one with --base_model. "
+                f"Original error: {one_line(err)}"
+            ) from None
+        info.update(adapter=target.adapter, base_model=target.base_model,
+                    peft_type=str(target.adapter_config.get("peft_type")), adapter_r=target.adapter_config.get("r"),
+                    merged=merge)
         if merge:
             model = model.merge_and_unload()
-        tok_path = resolved if os.path.isfile(os.path.join(resolved, "tokenizer_config.json")) else base_path
     else:
-        model = _load_model(AutoModelForCausalLM, resolved, dtype)
-        info.update(adapter=None, base_model=ckpt, merged=None)
-        tok_path = resolved
+        info.update(adapter=None, base_model=target.ckpt, merged=None)
     model.to(device).eval()
     info["dtype"] = str(next(model.parameters()).dtype)
-    return LoadedModel(model=model, tokenizer=load_tokenizer(tok_path), info=info)
+    return LoadedModel(model=model, tokenizer=tokenizer or load_tokenizer(target.tokenizer_path), info=info)
 
 
 def _check_all_adapter_weights_used(model, adapter_dir: str) -> None:
@@ -198,9 +254,9 @@ def _load_model(auto_cls, path: str, dtype):
         return auto_cls.from_pretrained(path, dtype=dtype)
     except OSError as err:
         raise FileNotFoundError(
-            f"Could not load model {path!r}: it is not a local folder and could not be loaded from the Hub ({err}). "
-            "Pass an existing checkpoint folder, a reachable Hub id, or a packaged alias (smollm2-135m, tiny-llama)."
-        ) from err
+            f"Could not load model {path!r}: {one_line(err)}. Pass an existing checkpoint folder, a reachable Hub id, "
+            "or a packaged alias (smollm2-135m, tiny-llama)."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,25 +406,32 @@ def _append(path: str, records: Sequence[dict]) -> None:
 
 
 def check_run_config(out_dir: str, run_config: dict, overwrite: bool = False) -> None:
-    """Refuse to resume into a folder whose predictions came from another model, data or decoding setup."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Refuse to resume into a folder whose predictions came from another model, data or decoding setup. Reads only:
+    the record is written by :func:`record_run_config` once the run has started, so a run that fails before that
+    (a wrong ``--ckpt``) leaves nothing that would block its own retry."""
     path = os.path.join(out_dir, RUN_CONFIG_FILE)
+    if overwrite or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    if previous != json.loads(json.dumps(run_config)):
+        changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
+        raise ValueError(
+            f"{out_dir} already holds predictions from a different run (changed: {changed}). Use another --out "
+            "folder, or --overwrite to discard the old predictions."
+        )
+
+
+def record_run_config(out_dir: str, run_config: dict, overwrite: bool = False) -> None:
+    """Write ``run_config.json`` (after ``--overwrite`` discarded the old predictions): called when the model has
+    loaded and generation is about to start."""
+    os.makedirs(out_dir, exist_ok=True)
     if overwrite:
         for name in os.listdir(out_dir):
             if name.startswith("predictions") or name in (METRICS_FILE, RUN_CONFIG_FILE):
                 os.remove(os.path.join(out_dir, name))
-    if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != json.loads(json.dumps(run_config)):
-            changed = sorted(k for k in set(previous) | set(run_config) if previous.get(k) != run_config.get(k))
-            raise ValueError(
-                f"{out_dir} already holds predictions from a different run (changed: {changed}). Use another --out "
-                "folder, or --overwrite to discard the old predictions."
-            )
-    else:
-        with open(path, "w") as f:
-            json.dump(run_config, f, indent=2)
+    with open(os.path.join(out_dir, RUN_CONFIG_FILE), "w") as f:
+        json.dump(run_config, f, indent=2)
 
 
 def run_generation(
@@ -555,9 +618,23 @@ def add_common_args(parser, num_beams: int, max_new_tokens: int, batch_size: int
     g.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
 
 
-def setup_from_args(args, decoding: DecodingConfig, out_dir: str) -> tuple[LoadedModel, Callable | None]:
-    """Load the model named by the common options; returns it and the generate function of the chosen backend."""
-    loaded = load_for_inference(args.ckpt, base_model=args.base_model, merge=not args.no_merge, dtype=args.dtype)
+def setup_from_args(args, decoding: DecodingConfig, out_dir: str, items: Sequence[dict],
+                    run_config: dict) -> tuple[LoadedModel, Callable | None]:
+    """Everything before generation, cheapest first: the run record in ``--out`` is compared, the checkpoint resolved
+    (configs only), the prompts checked against the model's context, then the weights load and the run record is
+    written. Returns the model and the generate function of the chosen backend."""
+    from accelerate import PartialState
+
+    check_run_config(out_dir, run_config, overwrite=args.overwrite)
+    target = resolve_checkpoint(args.ckpt, args.base_model)
+    tokenizer = load_tokenizer(target.tokenizer_path)
+    check_prompt_lengths(items, tokenizer, getattr(target.config, "max_position_embeddings", None),
+                         decoding.max_new_tokens)
+    loaded = load_for_inference(target, merge=not args.no_merge, dtype=args.dtype, tokenizer=tokenizer)
+    state = PartialState()
+    if state.is_main_process:
+        record_run_config(out_dir, run_config, overwrite=args.overwrite)
+    state.wait_for_everyone()
     if args.backend == "vllm":
         return loaded, vllm_generate_fn(merged_dir_for_vllm(loaded, out_dir), decoding)
     return loaded, None

@@ -30,8 +30,15 @@ ALPACA_HEADER_INPUT = (
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def commonsense_prompt(instruction: str) -> str:
-    """HiRA template 4: the prompt ends with ``### Response:\\n`` so the answer starts on its own line."""
+def commonsense_prompt(instruction: str, input: str = "") -> str:
+    """HiRA template 4: the prompt ends with ``### Response:\\n`` so the answer starts on its own line.
+
+    A non-empty ``input`` (the LLM-Adapters record field; empty in commonsense_170k and the eight test sets) takes the
+    Alpaca "paired with an input" form of LLM-Adapters' training template, unindented like template 4: the header
+    (one trailing space), ``### Instruction:``, ``### Input:``, ``### Response:``.
+    """
+    if input:
+        return f"{ALPACA_HEADER_INPUT} \n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     return f"{ALPACA_HEADER}  \n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
@@ -133,5 +140,6 @@ def build_example(task: str, example: dict) -> dict:
     if missing:
         raise KeyError(f"{task} example is missing column(s) {missing}; found {sorted(example)}")
     if task == "commonsense":
-        return {"prompt": commonsense_prompt(example["instruction"]), "completion": example["output"].strip()}
+        prompt = commonsense_prompt(example["instruction"], example.get("input") or "")
+        return {"prompt": prompt, "completion": example["output"].strip()}
     return {"prompt": metamath_prompt(example["query"]), "completion": metamath_completion(example["response"])}

@@ -1,15 +1,20 @@
 """Shared machinery of the training recipes in ``recipes/``.
 
 A recipe is a short script: one formatting function (raw record -> ``{"prompt", "completion"}`` built with
-:mod:`hira.prompts`) and a YAML holding the paper's setting. Everything the three recipes have in common lives here:
+:mod:`hira.prompts`) and a YAML holding the paper's setting; its task is its file name, so a copy names its own.
+Everything the recipes have in common lives here:
 
 * :class:`HiraArguments`: the method (``hira`` by default, the HiRA family variants, the paper's baselines ``lora``,
   ``dora``, ``prompt_tuning``, ``p_tuning``, ``full``, and ``peft``: any PEFT method given by its config) and the data
-  options, parsed by ``TrlParser`` next to TRL's ``ScriptArguments``, ``SFTConfig`` and ``ModelConfig``;
+  options;
+* :func:`parse_args`: ``TrlParser`` over TRL's ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
+  :class:`HiraArguments` with the YAML beside the script as default, strict (no abbreviations, TRL's own LoRA flags
+  refused with the right one, ``lora_alpha`` = 2r unless set);
 * :func:`build_peft_config`: the PEFT config for the method, at HiRA's parameter budget where the paper matches it;
 * :func:`load_raw_dataset` / :func:`format_dataset` / :func:`split_validation` / :func:`enforce_max_length`: data from a
-  Hub id or a local file/folder, a clear error for missing columns, the seeded 120-example validation split of the
-  HiRA authors, and an explicit, counted decision for examples that would not fit ``max_length``;
+  Hub id, a URL or a local file/folder (:mod:`hira.sources`), a clear error for missing columns, the seeded
+  120-example validation split of the HiRA authors, and an explicit, counted decision for examples that would not fit
+  ``max_length``;
 * :class:`RunSummaryCallback`: trainable parameters, tokens/s, peak memory and wall time written next to the checkpoint;
 * :func:`run_recipe`: the body every recipe's ``main`` calls.
 """
@@ -29,6 +34,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from hira.sources import DATA_BUILDERS, check_json_records, load_hf_dataset, load_model_config, looks_local
+from hira.sources import missing_path_error
 
 
 logger = logging.getLogger("hira.recipe")
@@ -142,27 +150,104 @@ class HiraArguments:
             raise ValueError(f"peft_config must be a mapping with a `peft_type`, got {self.peft_config!r}")
 
 
-def with_default_config(script_path: str, argv: list[str] | None = None) -> list[str]:
-    """Arguments for ``TrlParser.parse_args_and_config``: ``--config <script>.yaml`` is added when none is given, so
-    ``accelerate launch recipes/commonsense.py`` runs the paper setting; CLI flags still override YAML keys."""
+# TRL's own LoRA flags (ModelConfig) that the recipes do not read: refused with the flag that does the job.
+REFUSED_TRL_FLAGS = {
+    "lora_r": "--hira_r (the rank of hira, lora and dora alike)",
+    "lora_target_modules": "--hira_target_modules (the targets of hira, lora and dora alike)",
+    "use_dora": "--method dora",
+    "use_peft": "--method (hira, lora, dora, prompt_tuning, p_tuning, or peft with --peft_config; --method full trains without PEFT)",
+}
+
+
+def make_parser():
+    """``TrlParser`` over TRL's dataclasses and :class:`HiraArguments`, with argparse's prefix matching off (so a
+    misspelt ``--learning_rat`` is an error, not ``--learning_rate``)."""
+    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, HiraArguments), allow_abbrev=False)
+
+
+def parse_args(script_path: str, argv: list[str] | None = None):
+    """``(script_args, training_args, model_args, hira_args)`` for the recipe at ``script_path``.
+
+    * ``--config PATH`` or ``--config=PATH``; without one, the YAML beside the script (``recipes/<task>.yaml``), so
+      ``accelerate launch recipes/commonsense.py`` runs the paper setting. CLI flags override YAML keys; a key or flag
+      no dataclass knows is an error, and so is an abbreviated flag.
+    * TRL's ``lora_r``, ``lora_target_modules``, ``use_dora`` and ``use_peft`` (YAML or CLI) are refused with the flag
+      to use instead: the recipes' rank, targets and method are ``hira_r``, ``hira_target_modules`` and ``method``.
+    * ``lora_alpha`` (LoRA/DoRA baselines) is 2 x ``hira_r`` (LLM-Adapters' rule) unless the YAML or CLI sets it.
+    """
+    import yaml
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [x for a in argv for x in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if argv.count("--config") > 1:
+        raise ValueError("--config is given more than once: pass one YAML (other keys can be flags).")
     if "--config" not in argv:
         argv = ["--config", os.path.splitext(os.path.abspath(script_path))[0] + ".yaml"] + argv
-    return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv) or not os.path.isfile(argv[i + 1]):
+        path = argv[i + 1] if i + 1 < len(argv) else ""
+        raise FileNotFoundError(f"--config {path!r}: no such YAML file. Pass the path of a recipe YAML.")
+    with open(argv[i + 1]) as f:
+        config = yaml.safe_load(f) or {}
+    given = set(config) if isinstance(config, dict) else set()
+    given |= {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    refused = [k for k in REFUSED_TRL_FLAGS if k in given]
+    if refused:
+        raise ValueError(
+            "; ".join(f"{k} is TRL's LoRA option, which this recipe does not read: use {REFUSED_TRL_FLAGS[k]}"
+                      for k in refused)
+        )
+    script_args, training_args, model_args, hira_args = make_parser().parse_args_and_config(argv)
+    if "lora_alpha" not in given:
+        model_args.lora_alpha = 2 * hira_args.hira_r
+    return script_args, training_args, model_args, hira_args
 
 
-def resolve_resume(value: str | bool | None) -> str | bool | None:
-    """``TrainingArguments.resume_from_checkpoint`` is typed ``str``, so ``--resume_from_checkpoint true`` arrives as
-    the path "true". Map ``last``/``true`` to ``True`` (Trainer then picks the latest checkpoint in ``output_dir``)."""
-    if value is None or value is False:
+def resolve_resume(value: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from, checked before anything loads.
+
+    ``TrainingArguments.resume_from_checkpoint`` is typed ``str``, so ``--resume_from_checkpoint true`` arrives as the
+    path "true": ``last``/``true`` mean the newest ``checkpoint-*`` in ``output_dir``; anything else must be a
+    checkpoint folder the Trainer wrote (``trainer_state.json`` inside).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or value is False or str(value).lower() in ("false", "none", "0", "no", ""):
         return None
     if value is True or str(value).lower() in ("true", "last", "latest", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "none", "0", "no", ""):
-        return None
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"resume_from_checkpoint={value!r} is not a checkpoint directory (use `last` for the latest)")
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={value}: {output_dir} holds no checkpoint-* folder. Point --output_dir at "
+                "the run to resume, or drop --resume_from_checkpoint to start a new run."
+            )
+        return last
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        what = "is not a folder" if not os.path.isdir(value) else "holds no trainer_state.json"
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={value!r} {what}: pass a checkpoint-* folder the Trainer wrote, or `last` for "
+            "the newest one in --output_dir."
+        )
     return value
+
+
+def check_report_to(report_to: list[str] | str | None) -> None:
+    """A logging integration that is not installed fails in the Trainer, after the model has loaded: check first."""
+    import importlib.util
+
+    packages = {"wandb": "wandb", "trackio": "trackio", "tensorboard": "tensorboard", "mlflow": "mlflow",
+                "comet_ml": "comet_ml", "clearml": "clearml", "swanlab": "swanlab"}
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        pkg = packages.get(name)
+        if pkg is not None and importlib.util.find_spec(pkg) is None:
+            extra = f" (or `pip install -e \".[{name}]\"`)" if name in ("wandb", "trackio") else ""
+            raise ModuleNotFoundError(
+                f"report_to={name} needs the {pkg} package, which is not installed: `pip install {pkg}`{extra}, or "
+                "pass --report_to none."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,6 +364,19 @@ def check_target_modules(targets: list[str] | str, modules: dict[str, str], mode
         )
 
 
+def check_parallelism_enabled(trainer) -> None:
+    """An accelerate config asking for FSDP or DeepSpeed must get it: accelerate turns FSDP off on a CPU-only machine
+    (MULTI_CPU) and trains with DDP instead, every process holding the whole model, without a word."""
+    for var, name, enabled in (("ACCELERATE_USE_FSDP", "FSDP", trainer.is_fsdp_enabled),
+                               ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", trainer.is_deepspeed_enabled)):
+        if os.environ.get(var, "false").lower() == "true" and not enabled:
+            raise RuntimeError(
+                f"The accelerate config asks for {name}, but accelerate did not enable it (it does not on a CPU-only "
+                f"machine, where it would train with plain DDP). Launch on GPUs, or drop the {name} config "
+                "(accelerate_configs/multi_gpu.yaml is DDP)."
+            )
+
+
 def check_adapted_modules(model, targets: list[str] | str, model_name: str) -> None:
     """After PEFT wrapped the model: every requested target must have at least one adapted module."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -295,44 +393,38 @@ def check_adapted_modules(model, targets: list[str] | str, model_name: str) -> N
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
 
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
 def load_raw_dataset(name_or_path: str, config: str | None = None, split: str = "train"):
-    """One split from a local file, a local folder (``<split>.json[l]`` inside it, or any folder ``datasets`` reads),
-    or a Hub dataset id."""
-    from datasets import load_dataset
-
-    if name_or_path is None:
-        raise ValueError("No dataset given: set `dataset_name` to a Hub id or a local file/folder")
-    if os.path.isfile(name_or_path):
-        ext = os.path.splitext(name_or_path)[1].lower()
-        if ext not in _FILE_BUILDERS:
-            raise ValueError(f"Cannot read {name_or_path}: expected one of {sorted(_FILE_BUILDERS)}")
-        return load_dataset(_FILE_BUILDERS[ext], data_files=name_or_path, split="train")
+    """One split from a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``), a local folder (``<split>.<ext>``
+    inside it, or any folder ``datasets`` reads), a remote file (``https://...``, ``hf://datasets/<id>/<file>``) or a
+    Hub dataset id; a source that cannot be read is one clear error naming it (:mod:`hira.sources`)."""
+    flag = "dataset_name"
+    if not name_or_path:
+        raise ValueError("No dataset given: set `dataset_name` to a Hub id, a URL or a local file/folder")
     ext = os.path.splitext(name_or_path)[1].lower()
-    if ext in _FILE_BUILDERS and not os.path.exists(name_or_path):  # a remote file: URL or hf://datasets/<id>/<file>
-        return load_dataset(_FILE_BUILDERS[ext], data_files=name_or_path, split="train")
+    if "://" in name_or_path:  # a remote file: URL or hf://datasets/<id>/<file>
+        if ext not in DATA_BUILDERS:
+            raise ValueError(f"{flag} {name_or_path}: cannot tell its format; a remote file must end in one of "
+                             f"{sorted(DATA_BUILDERS)}")
+        return load_hf_dataset(flag, name_or_path, DATA_BUILDERS[ext], data_files=name_or_path, split="train")
+    if os.path.isfile(name_or_path):
+        if ext not in DATA_BUILDERS:
+            raise ValueError(f"Cannot read {name_or_path}: expected one of {sorted(DATA_BUILDERS)}")
+        if DATA_BUILDERS[ext] == "json":
+            check_json_records(name_or_path)
+        return load_hf_dataset(flag, name_or_path, DATA_BUILDERS[ext], data_files=name_or_path, split="train")
     if os.path.isdir(name_or_path):
         for ext in (".json", ".jsonl", ".parquet", ".csv"):
             candidate = os.path.join(name_or_path, split + ext)
             if os.path.isfile(candidate):
-                return load_dataset(_FILE_BUILDERS[ext], data_files=candidate, split="train")
-    return load_dataset(name_or_path, name=config, split=split)
+                return load_raw_dataset(candidate)
+    elif looks_local(name_or_path):
+        raise missing_path_error(flag, name_or_path, "an existing file (.json, .jsonl, .csv, .parquet) or folder, a "
+                                 "URL, or a Hub dataset id")
+    return load_hf_dataset(flag, name_or_path, name_or_path, name=config, split=split)
 
 
-def format_dataset(
-    dataset,
-    to_prompt_completion: Callable[[dict], dict],
-    num_proc: int | None = None,
-    preprocess: Callable | None = None,
-):
-    """Map raw records to ``{"prompt", "completion"}``; a missing column is a clear error naming what the data has.
-
-    ``preprocess`` (optional) reshapes the raw dataset first, e.g. one ConvAI2 dialogue -> one row per turn.
-    """
-    if preprocess is not None:
-        dataset = preprocess(dataset)
+def format_dataset(dataset, to_prompt_completion: Callable[[dict], dict], num_proc: int | None = None):
+    """Map raw records to ``{"prompt", "completion"}``; a missing column is a clear error naming what the data has."""
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty")
     try:
@@ -389,6 +481,11 @@ def enforce_max_length(dataset, tokenizer, max_length: int | None, policy: str, 
     )
     if policy == "error":
         raise ValueError(msg + ". Raise --max_length, or pass --overlength drop to leave them out.")
+    if len(too_long) == len(lengths):
+        raise ValueError(
+            f"{name}: all {len(lengths)} examples are longer than max_length={max_length} tokens (shortest "
+            f"{min(lengths)}), so none is left to train on. Raise --max_length to at least {min(lengths)}."
+        )
     logger.warning("%s: dropping them (overlength=drop), never truncating.", msg)
     keep = sorted(set(range(len(lengths))) - set(too_long))
     return dataset.select(keep), len(too_long)
@@ -492,26 +589,37 @@ def run_recipe(
     model_args,
     hira_args: HiraArguments,
     callbacks: list | None = None,
-    preprocess: Callable | None = None,
+    load_data: Callable = load_raw_dataset,
 ):
     """Load data, build the method, train with TRL's ``SFTTrainer``, save the adapter and a run summary.
 
-    Returns the trainer (after ``train``), so tests and notebooks can inspect it.
+    ``load_data(dataset_name, dataset_config, split)`` returns the raw records as a ``datasets.Dataset``
+    (default :func:`load_raw_dataset`; ConvAI2 passes its own loader, one row per dialogue turn). Every check that
+    needs no weights runs before the model loads. Returns the trainer (after ``train``), so tests and notebooks can
+    inspect it.
     """
     from transformers import AutoTokenizer
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import SFTTrainer, get_quantization_config
-
-    from hira.models import resolve_model
 
     setup_logging(training_args)
     logger.info("Arguments: %s", {"script": asdict(script_args), "model": asdict(model_args), "method": asdict(hira_args)})
 
-    # Model: packaged aliases (smollm2-135m, tiny-llama) resolve to local checkpoints; Hub ids and paths pass through.
-    model_name = resolve_model(model_args.model_name_or_path)
-    from transformers import AutoConfig
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    # Settings that contradict each other, the checkpoint to resume from, the logging integrations: checked first.
+    if hira_args.val_size == 0 and training_args.eval_strategy != "no":
+        raise ValueError("eval_strategy needs a validation split: set val_size > 0 or --eval_strategy no")
+    if hira_args.val_size == 0 and training_args.load_best_model_at_end:
+        raise ValueError("load_best_model_at_end needs a validation split (val_size > 0)")
+    if training_args.completion_only_loss is not None and (
+        training_args.completion_only_loss == hira_args.train_on_inputs
+    ):
+        raise ValueError("completion_only_loss contradicts train_on_inputs: set only train_on_inputs")
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_report_to(training_args.report_to)
 
-    config = AutoConfig.from_pretrained(model_name, trust_remote_code=training_args.trust_remote_code)
+    # Model: packaged aliases (smollm2-135m, tiny-llama) resolve to local checkpoints; Hub ids and paths pass through.
+    model_name, config = load_model_config("model_name_or_path", model_args.model_name_or_path,
+                                           training_args.trust_remote_code)
     targets = method_targets(hira_args)
     if targets is not None and not is_deepspeed_zero3_enabled():
         # Fail before the weights load (minutes for an 8B model); under ZeRO-3 the check runs after loading instead.
@@ -526,8 +634,6 @@ def run_recipe(
     tokenizer = AutoTokenizer.from_pretrained(model_name, revision=model_args.model_revision)
 
     # Response-only loss is TRL's default for prompt/completion rows; train_on_inputs turns it off for every method.
-    if training_args.completion_only_loss is not None and training_args.completion_only_loss == hira_args.train_on_inputs:
-        raise ValueError("completion_only_loss contradicts train_on_inputs: set only train_on_inputs")
     training_args.completion_only_loss = not hira_args.train_on_inputs
     if training_args.include_num_input_tokens_seen in ("no", False):
         training_args.include_num_input_tokens_seen = "non_padding"
@@ -540,8 +646,8 @@ def run_recipe(
         )
 
     # Data: raw records -> prompt/completion via hira.prompts, seeded validation split, explicit over-length policy.
-    raw = load_raw_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    data = format_dataset(raw, to_prompt_completion, training_args.dataset_num_proc, preprocess)
+    raw = load_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    data = format_dataset(raw, to_prompt_completion, training_args.dataset_num_proc)
     train_ds, val_ds = split_validation(data, hira_args.val_size, hira_args.val_split_seed)
     if hira_args.max_train_samples is not None:
         train_ds = train_ds.select(range(min(hira_args.max_train_samples, len(train_ds))))
@@ -550,10 +656,6 @@ def run_recipe(
         max_len -= hira_args.num_virtual_tokens  # virtual tokens take room in the context
     train_ds, dropped_train = enforce_max_length(train_ds, tokenizer, max_len, hira_args.overlength, "train")
     val_ds, dropped_val = enforce_max_length(val_ds, tokenizer, max_len, hira_args.overlength, "validation")
-    if val_ds is None and training_args.eval_strategy != "no":
-        raise ValueError("eval_strategy needs a validation split: set val_size > 0 or --eval_strategy no")
-    if val_ds is None and training_args.load_best_model_at_end:
-        raise ValueError("load_best_model_at_end needs a validation split (val_size > 0)")
 
     peft_config = build_peft_config(hira_args, model_args, hidden_size=getattr(config, "hidden_size", None))
     summary = RunSummaryCallback(
@@ -579,12 +681,15 @@ def run_recipe(
         quantization_config=quantization_config,
         callbacks=[summary, *(callbacks or [])],
     )
+    check_parallelism_enabled(trainer)
+    summary.extra.update(distributed_type=str(trainer.accelerator.distributed_type.value),
+                         fsdp_version=getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", None)
+                         if trainer.is_fsdp_enabled else None)
     if targets is not None:
         check_adapted_modules(trainer.model, targets, model_args.model_name_or_path)
     if hasattr(trainer.model, "print_trainable_parameters") and trainer.accelerator.is_main_process:
         trainer.model.print_trainable_parameters()
 
-    resume = resolve_resume(training_args.resume_from_checkpoint)
     if hira_args.method == "hira" and hira_args.hira_variant == "sb" and not resume:
         # HiRA-SB trains only R between frozen B, A: they must come from the full-fine-tuning gradient of the
         # training data before step 0 (a resumed run loads them from its checkpoint instead).

@@ -17,24 +17,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `import hira` without installing
 
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser  # noqa: E402
-
 from hira import prompts  # noqa: E402
-from hira.recipe import HiraArguments, run_recipe, with_default_config  # noqa: E402
+from hira.recipe import parse_args, run_recipe  # noqa: E402
+
+
+TASK = os.path.splitext(os.path.basename(__file__))[0]  # a copy of this file names its own task
 
 
 def to_prompt_completion(example: dict) -> dict:
-    # HiRA template 4 around `instruction`; the completion is `output` ("the correct answer is <label>").
+    # HiRA template 4 around `instruction` (and `input` when non-empty); the completion is `output`.
     return prompts.build_example("commonsense", example)
 
 
-def main(script_args, training_args, model_args, hira_args, callbacks=None):
-    return run_recipe("commonsense", to_prompt_completion, script_args, training_args, model_args, hira_args, callbacks)
-
-
-def make_parser():
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, HiraArguments))
+def main(argv=None, callbacks=None):
+    """Parse ``argv`` (default: the command line) over the YAML beside this script and train."""
+    return run_recipe(TASK, to_prompt_completion, *parse_args(__file__, argv), callbacks=callbacks)
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config(with_default_config(__file__)))
+    main()

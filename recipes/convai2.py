@@ -1,13 +1,12 @@
 """Fine-tune a causal LM on ConvAI2 (PersonaChat, self persona) with HiRA or a baseline (TRL SFTTrainer).
 
     accelerate launch recipes/convai2.py                                        # the paper setting in convai2.yaml
+    python recipes/convai2.py --dataset_name data/convai2/train_self_original.txt   # ParlAI text
     python recipes/convai2.py --dataset_name data/convai2/train.json            # the authors' instruction/output JSON
 
-Accepted data layouts (one is detected per dataset):
-  * dialogues: `personality` (list) + `utterances` (list of {history, candidates}; the gold reply is the last
-    candidate), as in the PersonaChat self_original JSON; exploded to one example per turn;
-  * turns: `persona` (list) + `history` (list, ends with the partner's utterance) + `response`;
-  * prebuilt: `instruction` + `output` (the HiRA authors' data_file/convai2 JSON).
+Data: every layout `hira.convai2.load_turns` reads (the evaluator reads the same ones with the same code): ParlAI
+text, PersonaChat dialogues (`personality` + `utterances`, e.g. the Hub dataset AlekseyKorshuk/persona-chat), turns
+(`persona` + `history` + `response`) or prebuilt `instruction` + `output` records; one example per self turn.
 Any YAML key can be overridden by a flag; an unknown key is an error. Evaluate with `python eval/convai2.py`.
 """
 
@@ -17,33 +16,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `import hira` without installing
 
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser  # noqa: E402
-
 from hira import prompts  # noqa: E402
-from hira.recipe import HiraArguments, run_recipe, with_default_config  # noqa: E402
+from hira.convai2 import load_dataset_for_recipe  # noqa: E402
+from hira.recipe import parse_args, run_recipe  # noqa: E402
 
 
-SILENCE = "__SILENCE__"  # ParlAI's placeholder when R speaks first, so the history always starts with Q
-
-
-def dialogues_to_turns(dataset):
-    """One PersonaChat dialogue -> one row per self turn (context = all earlier turns + the partner's utterance)."""
-    if "utterances" not in dataset.column_names:
-        return dataset
-
-    def explode(batch):
-        out = {"persona": [], "history": [], "response": []}
-        for persona, utterances in zip(batch["personality"], batch["utterances"]):
-            for turn in utterances:
-                history = list(turn["history"])
-                if len(history) % 2 == 0:
-                    history = [SILENCE] + history
-                out["persona"].append(list(persona))
-                out["history"].append(history)
-                out["response"].append(turn["candidates"][-1])
-        return out
-
-    return dataset.map(explode, batched=True, remove_columns=dataset.column_names, desc="One row per turn")
+TASK = os.path.splitext(os.path.basename(__file__))[0]  # a copy of this file names its own task
 
 
 def to_prompt_completion(example: dict) -> dict:
@@ -51,15 +29,11 @@ def to_prompt_completion(example: dict) -> dict:
     return prompts.build_example("convai2", example)
 
 
-def main(script_args, training_args, model_args, hira_args, callbacks=None):
-    return run_recipe(
-        "convai2", to_prompt_completion, script_args, training_args, model_args, hira_args, callbacks, dialogues_to_turns
-    )
-
-
-def make_parser():
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, HiraArguments))
+def main(argv=None, callbacks=None):
+    """Parse ``argv`` (default: the command line) over the YAML beside this script and train."""
+    return run_recipe(TASK, to_prompt_completion, *parse_args(__file__, argv), callbacks=callbacks,
+                      load_data=load_dataset_for_recipe)
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config(with_default_config(__file__)))
+    main()

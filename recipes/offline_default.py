@@ -128,7 +128,8 @@ def evaluate(task: str, ckpt: str, data_dir: str, out: str, batch_size: int) -> 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "offline_default"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="boolq", choices=["boolq", "piqa"])
@@ -163,7 +164,7 @@ def main(argv=None):
     t = time.perf_counter()
     recipe = load_script("recipes", "commonsense")
     adapter_dir = os.path.join(args.out, "adapter")
-    recipe.main(*recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, [
+    recipe.main([
         "--model_name_or_path", args.model, "--dtype", "float32",
         "--dataset_name", os.path.join(data_dir, args.task), "--val_size", "0",
         "--method", "hira", "--hira_r", str(args.hira_r),
@@ -172,7 +173,7 @@ def main(argv=None):
         "--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false",
         "--eval_strategy", "no", "--load_best_model_at_end", "false", "--save_strategy", "no",
         "--logging_steps", "10", "--seed", str(args.seed), "--output_dir", adapter_dir, "--log_level", "warning",
-    ])))
+    ])
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

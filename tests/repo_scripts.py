@@ -1,4 +1,5 @@
-"""The repository's scripts (``eval/*.py``, ``recipes/*.py``) are CLIs, not a package: tests load them by path."""
+"""Helpers the tests share. The repository's scripts (``eval/*.py``, ``recipes/*.py``) are CLIs, not a package: tests
+load them by path."""
 
 import functools
 import importlib.util
@@ -17,3 +18,9 @@ def load_script(folder: str, name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_one_clear_line(err: BaseException) -> None:
+    """A user-facing error: one line, and no chained traceback ("During handling of the above exception...")."""
+    assert "\n" not in str(err), str(err)
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__), "chained traceback"

@@ -2,15 +2,18 @@
 unknown keys; CLI flags override YAML keys."""
 
 import os
+import re
 
 import pytest
 import yaml
 from repo_scripts import ROOT, load_script
 
+from hira.recipe import METHODS, parse_args
+
 
 # The YAMLs hold the GPU setting (bf16); on this CPU-only CI, bf16 needs --use_cpu or TrainingArguments refuses it.
 CPU = ["--use_cpu", "true"]
-RECIPES = ("commonsense", "metamath", "convai2")
+PAPER_RECIPES = ("commonsense", "metamath", "convai2")  # the paper's tasks; forks are checked for parsing only
 EPOCHS = {"commonsense": 3, "metamath": 2, "convai2": 1}
 
 
@@ -21,16 +24,33 @@ def recipe_yamls():
     return sorted(found)
 
 
+def script_of(yaml_path):
+    """recipes/<name>[.<variant>].yaml -> recipes/<name>.py"""
+    return os.path.join(ROOT, "recipes", os.path.basename(yaml_path).split(".")[0] + ".py")
+
+
+def parse(yaml_path, *argv):
+    return parse_args(script_of(yaml_path), ["--config", yaml_path, *CPU, *argv])
+
+
 def test_every_recipe_has_its_yaml():
-    stems = {os.path.splitext(os.path.basename(p))[0].split(".")[0] for p in recipe_yamls()}
-    assert set(RECIPES) <= stems
+    stems = {os.path.basename(p).split(".")[0] for p in recipe_yamls()}
+    assert set(PAPER_RECIPES) <= stems
+    assert all(os.path.isfile(script_of(p)) for p in recipe_yamls()), "a YAML without its recipe script"
 
 
 @pytest.mark.parametrize("path", recipe_yamls(), ids=os.path.basename)
-def test_yaml_parses_with_paper_setting(path):
-    name = os.path.splitext(os.path.basename(path))[0].split(".")[0]
-    recipe = load_script("recipes", name)
-    script_args, training_args, model_args, hira_args = recipe.make_parser().parse_args_and_config(["--config", path, *CPU])
+def test_yaml_parses(path):
+    """Every recipe YAML, forks included: parses with its recipe (unknown keys and typos are errors)."""
+    script_args, training_args, model_args, hira_args = parse(path)
+    assert script_args.dataset_name and training_args.output_dir and model_args.model_name_or_path
+    assert hira_args.method in METHODS
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_yaml_holds_the_paper_setting(name):
+    path = os.path.join(ROOT, "recipes", f"{name}.yaml")
+    script_args, training_args, model_args, hira_args = parse(path)
     assert hira_args.method == "hira"
     assert hira_args.hira_r in (16, 32)
     assert hira_args.hira_target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -43,40 +63,87 @@ def test_yaml_parses_with_paper_setting(path):
     assert training_args.learning_rate == 1e-3
     assert training_args.optim == "adamw_torch"
     assert model_args.model_name_or_path.startswith("meta-llama/")
+    assert model_args.lora_alpha == 2 * hira_args.hira_r  # LLM-Adapters' alpha = 2r for the LoRA/DoRA baselines
     assert training_args.report_to in ([], "none", ["none"])
     assert script_args.dataset_name
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_default_config_is_injected_and_cli_overrides(name):
-    from hira.recipe import with_default_config
-
-    recipe = load_script("recipes", name)
-    argv = with_default_config(recipe.__file__, ["--hira_r", "8", "--method", "lora", "--learning_rate", "3e-4", *CPU])
-    assert argv[:2] == ["--config", os.path.join(ROOT, "recipes", f"{name}.yaml")]
-    _, training_args, _, hira_args = recipe.make_parser().parse_args_and_config(argv)
+    script = os.path.join(ROOT, "recipes", f"{name}.py")
+    _, training_args, _, hira_args = parse_args(script, ["--hira_r", "8", "--method", "lora", "--learning_rate",
+                                                         "3e-4", *CPU])
     assert hira_args.hira_r == 8 and hira_args.method == "lora" and training_args.learning_rate == 3e-4
-    # an explicit --config is left alone
-    assert with_default_config(recipe.__file__, ["--config", "x.yaml"]) == ["--config", "x.yaml"]
+    assert training_args.num_train_epochs == EPOCHS[name]  # the rest comes from recipes/<name>.yaml
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("form", ["--config PATH", "--config=PATH"])
+def test_config_flag_in_both_forms(form, tmp_path):
+    with open(os.path.join(ROOT, "recipes", "commonsense.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["num_train_epochs"] = 7
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = form.replace("PATH", str(path)).split(" ") + CPU
+    _, training_args, _, _ = parse_args(os.path.join(ROOT, "recipes", "commonsense.py"), argv)
+    assert training_args.num_train_epochs == 7
+    with pytest.raises(FileNotFoundError, match="no such YAML file"):
+        parse_args(os.path.join(ROOT, "recipes", "commonsense.py"), ["--config=" + str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_unknown_yaml_key_is_an_error(name, tmp_path):
-    recipe = load_script("recipes", name)
     with open(os.path.join(ROOT, "recipes", f"{name}.yaml")) as f:
         config = yaml.safe_load(f)
     config["hira_rank"] = 8  # a typo of hira_r
-    bad = tmp_path / "bad.yaml"
+    bad = tmp_path / f"{name}.yaml"
     bad.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="hira_rank"):
-        recipe.make_parser().parse_args_and_config(["--config", str(bad), *CPU])
+        parse_args(os.path.join(ROOT, "recipes", f"{name}.py"), ["--config", str(bad), *CPU])
 
 
-def test_unknown_cli_flag_is_an_error():
+@pytest.mark.parametrize("flag", ["--lora_rank", "--learning_rat", "--hira_tar"])
+def test_unknown_or_abbreviated_cli_flag_is_an_error(flag):
+    """argparse would take `--learning_rat 0.5` for --learning_rate and `--hira_tar` for --hira_target_modules."""
     recipe = load_script("recipes", "commonsense")
-    path = os.path.join(ROOT, "recipes", "commonsense.yaml")
-    with pytest.raises((ValueError, SystemExit)):
-        recipe.make_parser().parse_args_and_config(["--config", path, *CPU, "--lora_rank", "8"])
+    with pytest.raises(ValueError, match=flag.lstrip("-")):
+        recipe.main([*CPU, flag, "0.5"])
+
+
+@pytest.mark.parametrize(
+    "flag,value,fix",
+    [("lora_r", "8", "--hira_r"), ("lora_target_modules", "q_proj", "--hira_target_modules"),
+     ("use_dora", "true", "--method dora"), ("use_peft", "true", "--method")],
+)
+@pytest.mark.parametrize("where", ["cli", "yaml"])
+def test_trl_lora_flags_are_refused_with_the_right_flag(flag, value, fix, where, tmp_path):
+    recipe = load_script("recipes", "commonsense")
+    if where == "cli":
+        argv = [*CPU, f"--{flag}", value]
+    else:
+        with open(os.path.join(ROOT, "recipes", "commonsense.yaml")) as f:
+            config = yaml.safe_load(f)
+        config[flag] = yaml.safe_load(value)
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        argv = ["--config", str(tmp_path / "c.yaml"), *CPU]
+    with pytest.raises(ValueError, match=f"{flag} is TRL's LoRA option.*use {re.escape(fix)}"):
+        recipe.main(argv)
+
+
+def test_lora_alpha_follows_the_rank_unless_set(tmp_path):
+    from hira.recipe import build_peft_config
+
+    script = os.path.join(ROOT, "recipes", "commonsense.py")
+    _, _, model_args, hira_args = parse_args(script, [*CPU, "--method", "lora", "--hira_r", "16"])
+    assert model_args.lora_alpha == 32 and build_peft_config(hira_args, model_args).lora_alpha == 32
+    _, _, model_args, _ = parse_args(script, [*CPU, "--hira_r", "16", "--lora_alpha", "8"])
+    assert model_args.lora_alpha == 8
+    with open(os.path.join(ROOT, "recipes", "commonsense.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["lora_alpha"] = 5
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    _, _, model_args, _ = parse_args(script, ["--config", str(tmp_path / "c.yaml"), *CPU, "--hira_r", "16"])
+    assert model_args.lora_alpha == 5
 
 
 def test_method_and_option_validation():
@@ -103,28 +170,13 @@ def test_hira_kwargs_pass_through_to_the_config():
 
 
 def test_yaml_mapping_for_hira_kwargs(tmp_path):
-    recipe = load_script("recipes", "commonsense")
     with open(os.path.join(ROOT, "recipes", "commonsense.yaml")) as f:
         config = yaml.safe_load(f)
     config["hira_kwargs"] = {"fused": False}
-    path = tmp_path / "c.yaml"
+    path = tmp_path / "commonsense.yaml"
     path.write_text(yaml.safe_dump(config))
-    *_, hira_args = recipe.make_parser().parse_args_and_config(["--config", str(path), *CPU])
+    *_, hira_args = parse(str(path))
     assert hira_args.hira_kwargs == {"fused": False}
-
-
-@pytest.mark.parametrize("value,expected", [("last", True), ("true", True), (None, None), ("false", None)])
-def test_resume_sentinels(value, expected):
-    from hira.recipe import resolve_resume
-
-    assert resolve_resume(value) is expected
-
-
-def test_resume_missing_path_is_an_error(tmp_path):
-    from hira.recipe import resolve_resume
-
-    with pytest.raises(FileNotFoundError):
-        resolve_resume(str(tmp_path / "checkpoint-7"))
 
 
 @pytest.mark.parametrize("path", sorted(os.listdir(os.path.join(ROOT, "accelerate_configs"))))
@@ -135,3 +187,25 @@ def test_accelerate_configs_load(path):
         pytest.skip("not a config")
     config = load_config_from_file(os.path.join(ROOT, "accelerate_configs", path))
     assert config.num_processes >= 1
+
+
+def test_multi_node_commands_parse():
+    """Every `accelerate launch` of docs/recipes.md's multi-node section parses with accelerate's launch parser and
+    names a config and a recipe that exist (the commands themselves need several machines)."""
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    with open(os.path.join(ROOT, "docs", "recipes.md")) as f:
+        section = f.read().split("## Multi-node", 1)[1].split("\n## ", 1)[0]
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", section, flags=re.S)).replace("\\\n", " ")
+    commands = re.findall(r"accelerate launch ([^'\n]*)", text)
+    assert len(commands) == 2
+    for command in commands:
+        command = re.sub(r"\$\(\(.*?\)\)", "16", command)
+        command = re.sub(r"\$\w+", "1", command)
+        args = launch_command_parser().parse_args(shlex.split(command))
+        assert os.path.isfile(os.path.join(ROOT, args.config_file))
+        assert os.path.isfile(os.path.join(ROOT, args.training_script))
+        assert args.num_machines in (1, 2)  # $SLURM_NNODES is replaced by 1 here
+        assert args.num_processes == 16 and args.main_process_port == 29500

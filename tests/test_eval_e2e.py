@@ -16,7 +16,7 @@ import hira
 from hira import inference
 from hira.models import resolve_model
 from hira.prompts import commonsense_prompt
-from repo_scripts import ROOT, load_script
+from repo_scripts import ROOT, assert_one_clear_line, load_script
 
 
 
@@ -328,7 +328,7 @@ def test_error_wrong_format_files(tmp_path):
         conv.load_convai2(str(p))
     j = tmp_path / "conv.json"
     j.write_text(json.dumps([{"context": "x", "response": "y"}]))
-    with pytest.raises(ValueError, match="HiRA ConvAI2 JSON"):
+    with pytest.raises(ValueError, match="match no ConvAI2 layout"):
         conv.load_convai2(str(j))
 
 
@@ -368,3 +368,108 @@ def test_adapter_recorded_with_another_machines_cache_path(tmp_path, false_adapt
     json.dump(cfg, open(moved / "adapter_config.json", "w"))
     loaded = inference.load_for_inference(str(moved))
     assert loaded.info["merged"] and loaded.info["adapter"] == str(moved)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failure modes: one clear line, before the weights load; a failed run does not block its retry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def boolq_folder(tmp_path, instructions):
+    folder = tmp_path / "data" / "boolq"
+    folder.mkdir(parents=True)
+    rows = [{"instruction": q, "input": "", "output": "the correct answer is true", "answer": "true"}
+            for q in instructions]
+    (folder / "test.json").write_text(json.dumps(rows))
+    return str(tmp_path / "data")
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights started loading")
+
+    monkeypatch.setattr(inference, "_load_model", refuse)
+
+
+@pytest.mark.parametrize("ckpt", ["runs/nope", "./runs/nope", "no-such-model"])
+def test_missing_checkpoint_is_one_line_before_any_weights(ckpt, tmp_path, no_weights):
+    data = boolq_folder(tmp_path, ["is water wet?"])
+    with pytest.raises(FileNotFoundError, match=r"runs/nope|no-such-model") as err:
+        cs.main(["--ckpt", ckpt, "--data_dir", data, "--tasks", "boolq", "--out", str(tmp_path / "o")])
+    assert_one_clear_line(err.value)
+
+
+def test_a_failed_evaluation_does_not_block_its_retry(tmp_path):
+    """A wrong --ckpt fails before the run starts, so it leaves no run record: the corrected command, same --out,
+    runs (it used to be refused as 'a different run')."""
+    data = boolq_folder(tmp_path, ["is water wet?", "is fire cold?"])
+    args = ["--data_dir", data, "--tasks", "boolq", "--num_beams", "1", "--max_new_tokens", "4",
+            "--out", str(tmp_path / "o")]
+    with pytest.raises(FileNotFoundError):
+        cs.main(["--ckpt", str(tmp_path / "no-such-adapter"), *args])
+    assert not (tmp_path / "o" / "run_config.json").exists()
+    summary = cs.main(["--ckpt", "tiny-llama", *args])
+    assert summary["metrics"]["per_task"]["boolq"]["n"] == 2
+    assert json.load(open(tmp_path / "o" / "run_config.json"))["ckpt"] == "tiny-llama"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_weights_load(tmp_path, no_weights):
+    data = boolq_folder(tmp_path, ["is water wet?", "is " + "very " * 2100 + "long?"])
+    with pytest.raises(ValueError, match=r"1 of 2 prompts do not fit the model's context of 2048 tokens with "
+                                         r"max_new_tokens=4 \(longest: boolq/1, \d+ prompt tokens\)") as err:
+        cs.main(["--ckpt", "tiny-llama", "--data_dir", data, "--tasks", "boolq", "--max_new_tokens", "4",
+                 "--out", str(tmp_path / "o")])
+    assert_one_clear_line(err.value)
+    assert not (tmp_path / "o" / "run_config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generic evaluator (forked tasks)
+# --------------------------------------------------------------------------------------------------------------------
+
+generic = load_script("eval", "generic")
+
+
+def test_generic_evaluator_end_to_end(tmp_path, false_adapter):
+    """The adapter answers `the correct answer is false` to its training questions: every metric of the generic
+    evaluator gives the number the references dictate, from prompts built by the commonsense recipe's formatter."""
+    rows = [{"instruction": f"Please answer the following question with true or false, question: {q}?\n\n"
+                            "Answer format: true/false", "input": "", "output": f"the correct answer is {a}"}
+            for q, a in zip(TRAIN_QUESTIONS[:4], ["false", "true", "false", "false"])]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(rows))
+    common = ["--ckpt", false_adapter, "--data_file", str(data), "--recipe", os.path.join(ROOT, "recipes",
+              "commonsense.py"), "--max_new_tokens", "8", "--out", str(tmp_path / "o")]
+    expect = {"exact_match": 75.0, "contains": 75.0, "keyword": 75.0}
+    for metric, args in (("exact_match", []), ("contains", []), ("keyword", ["--keyword_pattern", "true|false"])):
+        summary = generic.main(common + ["--metric", metric, *args])
+        assert summary["metrics"]["accuracy"] == pytest.approx(expect[metric]) and summary["metrics"]["n"] == 4
+    preds = read_jsonl(tmp_path / "o" / "predictions.jsonl")
+    assert len(preds) == 4 and {p["clean"] for p in preds} == {"the correct answer is false"}  # generated once
+    m = generic.main(common + ["--metric", "bleu_rouge"])["metrics"]
+    from hira.metrics import corpus_bleu, rouge_l
+
+    assert m["bleu"] == pytest.approx(corpus_bleu([p["clean"] for p in preds], [p["refs"] for p in preds]))
+    assert m["rougeL"] == pytest.approx(rouge_l([p["clean"] for p in preds], [p["refs"] for p in preds]))
+    assert 0 < m["rougeL"] < 100
+
+
+@pytest.mark.parametrize("data_dir,message", [("runs/nope", "is neither a local folder nor a dataset the Hub serves"),
+                                              ("./runs/nope", "no such file or folder")])
+def test_missing_data_dir_is_one_line_before_any_weights(data_dir, message, tmp_path, no_weights):
+    with pytest.raises(FileNotFoundError, match=message) as err:
+        cs.main(["--ckpt", "tiny-llama", "--data_dir", data_dir, "--tasks", "boolq", "--out", str(tmp_path / "o")])
+    assert_one_clear_line(err.value)
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("commonsense", ["--ckpt", "tiny-llama", "--data_d", "x"]),
+    ("gsm8k", ["--ckpt", "tiny-llama", "--max_ex", "2"]),
+    ("convai2", ["--ckpt", "tiny-llama", "--data_file", "x", "--bertscore_m", "y"]),
+    ("generic", ["--ckpt", "tiny-llama", "--data_file", "x", "--metr", "contains"]),
+])
+def test_evaluators_refuse_abbreviated_flags(script, argv, capsys):
+    with pytest.raises(SystemExit):
+        load_script("eval", script).main(argv)
+    assert "unrecognized arguments" in capsys.readouterr().err

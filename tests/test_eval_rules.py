@@ -8,7 +8,7 @@ import math
 import os
 
 import pytest
-from repo_scripts import load_script
+from repo_scripts import ROOT, load_script
 
 
 
@@ -398,7 +398,9 @@ def test_convai2_parlai_parsing(tmp_path):
         "2 partner's persona: i am a chef.\n"
         "3 __SILENCE__\thello , what are you reading ?\n"
     )
-    ex = conv.parse_parlai(str(src))
+    from hira.convai2 import parse_parlai
+
+    ex = parse_parlai(str(src))
     assert len(ex) == 3
     assert ex[0] == {"persona": ["i like to ski.", "i have a dog: max."], "history": ["hi , how are you ?"],
                      "response": "i am great , just back from skiing ."}
@@ -424,3 +426,49 @@ def test_convai2_json_groups_consecutive_references(tmp_path):
 def test_convai2_clean_prediction():
     assert conv.clean_prediction(" i like ski . Q: and you? R: me") == "i like ski ."
     assert conv.clean_prediction("sure TARGET: again") == "sure"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generic evaluator (forked tasks)
+# --------------------------------------------------------------------------------------------------------------------
+
+generic = load_script("eval", "generic")
+
+
+@pytest.mark.parametrize("metric,pattern,ignore_case,pred,refs,expected", [
+    ("exact_match", None, False, "Paris", ["Paris"], True),
+    ("exact_match", None, False, "paris", ["Paris"], False),
+    ("exact_match", None, True, "paris", ["Paris"], True),
+    ("exact_match", None, False, "Paris.", ["Rome", "Paris."], True),
+    ("contains", None, False, "It is Paris, of course", ["Paris"], True),
+    ("contains", None, False, "It is Rome", ["Paris"], False),
+    ("keyword", "yes|no", False, "no, wait: yes", ["the answer is yes"], False),  # the first keyword counts
+    ("keyword", "yes|no", False, "yes it is", ["the answer is yes"], True),
+    ("keyword", "yes|no", False, "Yes it is", ["yes"], False),  # case-sensitive by default
+    ("keyword", "yes|no", True, "Yes it is", ["yes"], True),
+    ("keyword", "yes|no", False, "maybe", ["no"], False),  # no keyword = wrong
+    ("keyword", "yes|no", False, "maybe", ["perhaps"], False),  # ... even against a reference without one
+])
+def test_generic_rules(metric, pattern, ignore_case, pred, refs, expected):
+    assert generic.make_rule(metric, pattern, ignore_case)(pred, refs) is expected
+
+
+def test_generic_items_from_prompts_or_through_a_recipe(tmp_path):
+    from hira.prompts import commonsense_prompt
+
+    plain = tmp_path / "p.jsonl"
+    plain.write_text('{"prompt": "Q: 1+1?\\nA:", "reference": " 2 "}\n'
+                     '{"prompt": "Q: hi\\nA:", "reference": ["a", "b"]}\n')
+    assert generic.load_items(str(plain)) == [{"id": "generic/0", "prompt": "Q: 1+1?\nA:", "refs": ["2"]},
+                                              {"id": "generic/1", "prompt": "Q: hi\nA:", "refs": ["a", "b"]}]
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps([{"instruction": "is it?", "input": "", "output": "the correct answer is true"}]))
+    items = generic.load_items(str(raw), recipe=os.path.join(ROOT, "recipes", "commonsense.py"))
+    assert items == [{"id": "generic/0", "prompt": commonsense_prompt("is it?"),
+                      "refs": ["the correct answer is true"]}]
+    with pytest.raises(ValueError, match="expected 'prompt' and 'reference'"):
+        generic.load_items(str(raw))
+    with pytest.raises(ValueError, match=r"does not fit the recipe's to_prompt_completion .*missing column"):
+        generic.load_items(str(plain), recipe=os.path.join(ROOT, "recipes", "commonsense.py"))
+    with pytest.raises(ValueError, match="no reference matches --keyword_pattern"):
+        generic.check_keyword_references(generic.load_items(str(plain)), "yes|no", False)

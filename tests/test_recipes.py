@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from repo_scripts import ROOT, load_script
+from repo_scripts import ROOT, assert_one_clear_line, load_script
 
 
 METHODS = ("hira", "lora", "dora", "prompt_tuning", "p_tuning", "full")
@@ -52,7 +52,12 @@ CONVAI2_ROWS = [
          {"history": ["__ SILENCE __", "hello ! i just finished grading papers .", "what do you teach ?"],
           "candidates": ["cats", "math , and then i eat pizza ."]}]},
 ] * 2
-ROWS = {"commonsense": COMMONSENSE_ROWS, "metamath": METAMATH_ROWS, "convai2": CONVAI2_ROWS}
+# A few training rows per recipe: test_two_steps runs every method on each (a forked recipe adds its own entry).
+ROWS = {
+    "commonsense": COMMONSENSE_ROWS,
+    "metamath": METAMATH_ROWS,
+    "convai2": CONVAI2_ROWS,
+}
 
 
 def write_json(path, rows):
@@ -75,9 +80,7 @@ def tiny_args(data, out, method="hira", **overrides):
 
 
 def run(recipe_name, argv, callbacks=None):
-    recipe = load_script("recipes", recipe_name)
-    parsed = recipe.make_parser().parse_args_and_config(recipe.with_default_config(recipe.__file__, argv))
-    return recipe.main(*parsed, callbacks=callbacks)
+    return load_script("recipes", recipe_name).main(argv, callbacks=callbacks)
 
 
 class Snapshot(TrainerCallback):
@@ -102,7 +105,7 @@ def expected_trainable(method, model):
     }.get(method)
 
 
-@pytest.mark.parametrize("recipe_name", ["commonsense", "metamath", "convai2"])
+@pytest.mark.parametrize("recipe_name", list(ROWS))
 @pytest.mark.parametrize("method", METHODS)
 def test_two_steps(recipe_name, method, tmp_path):
     data = write_json(tmp_path / "train.json", ROWS[recipe_name])
@@ -115,7 +118,8 @@ def test_two_steps(recipe_name, method, tmp_path):
     if method in ("hira", "lora", "dora"):  # adapters only: the base weights never train
         assert all(("hira_" in n or "lora_" in n) for n in snap.before)
     summary = json.load(open(tmp_path / "out" / "run_summary.json"))
-    assert summary["method"] == method and summary["steps"] == 2 and summary["train_tokens"] > 0
+    assert summary["task"] == recipe_name and summary["method"] == method  # a fork names its own task
+    assert summary["steps"] == 2 and summary["train_tokens"] > 0
     expected = expected_trainable(method, trainer.model)
     if expected is not None:
         assert summary["trainable_params"] == expected
@@ -415,3 +419,68 @@ def test_peft_method_config_errors(peft_config, match, tmp_path):
     extra = {"peft_config": peft_config} if peft_config else {}
     with pytest.raises(ValueError, match=match):
         run("commonsense", tiny_args(data, tmp_path / "out", method="peft", **extra))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failure modes: one clear line, before the model loads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Reaching the trainer (which loads the weights) fails loudly: the error under test must come first."""
+    import trl
+
+    monkeypatch.setattr(trl, "SFTTrainer", None)
+
+
+def test_every_row_over_max_length_is_a_clear_error(tmp_path, no_model_loading):
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    with pytest.raises(ValueError, match=r"all 8 examples are longer than max_length=16 .*Raise --max_length") as err:
+        run("commonsense", tiny_args(data, tmp_path / "out", max_length=16))
+    assert_one_clear_line(err.value)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("last", r"holds no checkpoint-\* folder"),
+    ("runs/nope/checkpoint-7", "is not a folder"),
+    ("EMPTY_DIR", "holds no trainer_state.json"),
+])
+def test_resume_problems_are_found_before_the_model_loads(value, message, tmp_path, no_model_loading):
+    (tmp_path / "empty").mkdir()
+    value = str(tmp_path / "empty") if value == "EMPTY_DIR" else value
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    with pytest.raises(FileNotFoundError, match=message) as err:
+        run("commonsense", tiny_args(data, tmp_path / "out", resume_from_checkpoint=value))
+    assert_one_clear_line(err.value)
+
+
+def test_a_logging_integration_that_is_not_installed_is_found_before_the_model_loads(tmp_path, no_model_loading):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS)
+    with pytest.raises(ModuleNotFoundError, match=r"report_to=wandb needs the wandb package.*pip install") as err:
+        run("commonsense", tiny_args(data, tmp_path / "out", report_to="wandb"))
+    assert_one_clear_line(err.value)
+
+
+def test_commonsense_input_field_reaches_the_prompt(tmp_path):
+    """LLM-Adapters' `input` field is used when non-empty (Alpaca "paired with an input" form), as the reference
+    template does; an empty one keeps HiRA template 4. The evaluator builds the same prompt."""
+    from hira.prompts import ALPACA_HEADER_INPUT
+
+    rows = [dict(COMMONSENSE_ROWS[0], input="Context: the sky on a clear day.")] + COMMONSENSE_ROWS[1:]
+    data = write_json(tmp_path / "train.json", rows)
+    trainer = run("commonsense", tiny_args(data, tmp_path / "out", max_steps=1))
+    prompts = {r["prompt"] for r in trainer.train_dataset}
+    with_input = (f"{ALPACA_HEADER_INPUT} \n\n### Instruction:\n{rows[0]['instruction']}\n\n### Input:\n"
+                  "Context: the sky on a clear day.\n\n### Response:\n")
+    assert with_input in prompts
+    assert sum("### Input:" in p for p in prompts) == 1  # the empty inputs keep template 4
+    boolq = tmp_path / "eval" / "boolq"
+    boolq.mkdir(parents=True)
+    write_json(boolq / "test.json", rows)
+    items = load_script("eval", "commonsense").load_task(str(tmp_path / "eval"), "boolq")
+    assert items[0]["prompt"] == with_input and items[1]["prompt"] in prompts
