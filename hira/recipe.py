@@ -199,10 +199,35 @@ def parse_args(script_path: str, argv: list[str] | None = None):
             "; ".join(f"{k} is TRL's LoRA option, which this recipe does not read: use {REFUSED_TRL_FLAGS[k]}"
                       for k in refused)
         )
+    _check_known_keys(set(config) if isinstance(config, dict) else set(),
+                      {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")} - {"config"}, argv[i + 1])
     script_args, training_args, model_args, hira_args = make_parser().parse_args_and_config(argv)
     if "lora_alpha" not in given:
         model_args.lora_alpha = 2 * hira_args.hira_r
     return script_args, training_args, model_args, hira_args
+
+
+def _check_known_keys(yaml_keys: set[str], cli_keys: set[str], yaml_path: str) -> None:
+    """Every YAML key and flag must be a field of the recipe's dataclasses (an exact name: no abbreviations), checked
+    before any dataclass is built so that the typo, not a side effect of it, is what the user reads."""
+    import difflib
+
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+
+    known = set()
+    for dc in (ScriptArguments, SFTConfig, ModelConfig, HiraArguments):
+        for f in fields(dc):
+            known.add(f.name)
+            if f.default is True:
+                known.add("no_" + f.name)  # HfArgumentParser's negated flag of a boolean that defaults to True
+    problems = []
+    for where, keys in ((f"key in {yaml_path}", yaml_keys), ("flag", cli_keys)):
+        for k in sorted(keys - known):
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f" (did you mean {'--' if where == 'flag' else ''}{close[0]}?)" if close else ""
+            problems.append(f"unknown {where} {'--' if where == 'flag' else ''}{k}{hint}")
+    if problems:
+        raise ValueError("; ".join(problems) + ". Names must be exact (no abbreviations); `--help` lists them.")
 
 
 def resolve_resume(value: str | bool | None, output_dir: str) -> str | None:
