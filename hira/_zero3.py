@@ -74,6 +74,20 @@ def gather(params: Iterable, modify: bool = False, site: str = "read"):
     return deepspeed.zero.GatheredParameters(missing, modifier_rank=0 if modify else None)
 
 
+def write(param, value) -> None:
+    """Set a (possibly partitioned) parameter to ``value`` (its full shape) on every rank. Under ZeRO-3 the gathered
+    tensor is written with rank 0 as the modifier, and a trainable parameter's fp32 master partition in the ZeRO-3
+    optimizer (if one exists yet) too, so the next optimizer step starts from the written value."""
+    import torch
+
+    with gather([param], modify=True, site="write"), torch.no_grad():
+        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+    if is_partitioned_param(param) and param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.to(torch.float32))
+
+
 def release(params: Iterable) -> None:
     """Re-partition ZeRO-3 params left gathered by a pass run outside the engine's forward/backward (e.g. the
     HiRA-SB gradient estimate), so later writes through :func:`gather` (``modify=True``) reach every partition."""

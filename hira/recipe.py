@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hira import _zero3
+
 from hira.sources import DATA_BUILDERS, check_json_records, load_hf_dataset, load_model_config, looks_local
 from hira.sources import missing_path_error
 
@@ -199,10 +201,35 @@ def parse_args(script_path: str, argv: list[str] | None = None):
             "; ".join(f"{k} is TRL's LoRA option, which this recipe does not read: use {REFUSED_TRL_FLAGS[k]}"
                       for k in refused)
         )
+    _check_known_keys(set(config) if isinstance(config, dict) else set(),
+                      {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")} - {"config"}, argv[i + 1])
     script_args, training_args, model_args, hira_args = make_parser().parse_args_and_config(argv)
     if "lora_alpha" not in given:
         model_args.lora_alpha = 2 * hira_args.hira_r
     return script_args, training_args, model_args, hira_args
+
+
+def _check_known_keys(yaml_keys: set[str], cli_keys: set[str], yaml_path: str) -> None:
+    """Every YAML key and flag must be a field of the recipe's dataclasses (an exact name: no abbreviations), checked
+    before any dataclass is built so that the typo, not a side effect of it, is what the user reads."""
+    import difflib
+
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+
+    known = set()
+    for dc in (ScriptArguments, SFTConfig, ModelConfig, HiraArguments):
+        for f in fields(dc):
+            known.add(f.name)
+            if f.default is True:
+                known.add("no_" + f.name)  # HfArgumentParser's negated flag of a boolean that defaults to True
+    problems = []
+    for where, keys in ((f"key in {yaml_path}", yaml_keys), ("flag", cli_keys)):
+        for k in sorted(keys - known):
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f" (did you mean {'--' if where == 'flag' else ''}{close[0]}?)" if close else ""
+            problems.append(f"unknown {where} {'--' if where == 'flag' else ''}{k}{hint}")
+    if problems:
+        raise ValueError("; ".join(problems) + ". Names must be exact (no abbreviations); `--help` lists them.")
 
 
 def resolve_resume(value: str | bool | None, output_dir: str) -> str | None:
@@ -554,6 +581,8 @@ class RunSummaryCallback(TrainerCallback):
             "best_model_checkpoint": state.best_model_checkpoint,
             "best_metric": state.best_metric,
             "peak_memory_bytes": peak_memory_bytes(),  # of the main process
+            # ZeRO-3: parameters the tuner gathered itself, by site (DeepSpeed fetches inside its own passes)
+            "zero3_gathered_by_hira": dict(_zero3.gathered),
             "log_history": state.log_history,
         }
         if state.is_world_process_zero:
@@ -568,6 +597,27 @@ class RunSummaryCallback(TrainerCallback):
                 wall,
                 os.path.join(args.output_dir, "run_summary.json"),
             )
+
+
+def sb_initialise(trainer, model) -> None:
+    """HiRA-SB's gradient-matched factors from 8 batches of the training data (:func:`hira.sb_init`)."""
+    import hira
+
+    stats = hira.sb_init(model, trainer.get_train_dataloader(), num_batches=8,
+                         progress=trainer.accelerator.is_main_process)
+    logger.info("HiRA-SB initialised %d layers from the full fine-tuning gradient (8 batches)", len(stats))
+
+
+class SBInitAtTrainBegin(TrainerCallback):
+    """:func:`sb_initialise` once the DeepSpeed ZeRO-3 engine is built (its hooks gather the partitioned weights in
+    the gradient pass), before the first step of a fresh run."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            sb_initialise(self.trainer, model)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -692,14 +742,14 @@ def run_recipe(
 
     if hira_args.method == "hira" and hira_args.hira_variant == "sb" and not resume:
         # HiRA-SB trains only R between frozen B, A: they must come from the full-fine-tuning gradient of the
-        # training data before step 0 (a resumed run loads them from its checkpoint instead).
-        import hira
-
-        model = trainer.model
-        model.to(trainer.args.device)
-        stats = hira.sb_init(model, trainer.get_train_dataloader(), num_batches=8,
-                             progress=trainer.accelerator.is_main_process)
-        logger.info("HiRA-SB initialised %d layers from the full fine-tuning gradient (8 batches)", len(stats))
+        # training data before step 0 (a resumed run loads them from its checkpoint instead). Under ZeRO-3 the
+        # weights may be partitioned from loading on, and a forward needs the DeepSpeed engine's hooks, which exist
+        # once training starts: there the initialisation runs at the start of training.
+        if is_deepspeed_zero3_enabled():
+            trainer.add_callback(SBInitAtTrainBegin(trainer))
+        else:
+            trainer.model.to(trainer.args.device)
+            sb_initialise(trainer, trainer.model)
     trainer.train(resume_from_checkpoint=resume)
     # With a PEFT method this writes only the adapter (+ tokenizer); checkpoints hold adapter + optimizer state.
     trainer.save_model(training_args.output_dir)

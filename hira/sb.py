@@ -27,8 +27,9 @@ The division ``G ⊘ R`` is guarded: entries with ``|R| < sb_eps·mean|R|`` are 
 
 Everything runs on the model's device, one layer at a time for the SVD; the gradient estimate needs one fp32
 ``d×n`` accumulator per adapted layer. Under DeepSpeed ZeRO-3 the base weights are gathered where they are read
-(forward/backward of the fused path, the SVD step) and the adapter tensors are written with
-``GatheredParameters(modifier_rank=0)``; with several processes the gradient estimates are averaged across ranks.
+(forward/backward of the fused path, the SVD step) and the adapter tensors are written with :func:`hira._zero3.write`
+(rank 0 modifies; a trainable tensor's fp32 master in the ZeRO-3 optimizer is updated too); with several processes
+the gradient estimates are averaged across ranks.
 """
 
 from __future__ import annotations
@@ -222,9 +223,8 @@ def sb_init(
             S0 = torch.zeros(r, r, device=G.device)
         energy = (S[:r].pow(2).sum() / S.pow(2).sum().clamp_min(1e-30)).item()
         params = [layer.hira_A[adapter_name], layer.hira_B[adapter_name], layer.hira_R[adapter_name]]
-        with _zero3.gather(params, modify=True, site="sb_init"), torch.no_grad():
-            for p, v in zip(params, (An, Bn, S0)):
-                p.data.copy_(v.to(device=p.device, dtype=p.dtype))
+        for p, v in zip(params, (An, Bn, S0)):
+            _zero3.write(p, v)
         report[name] = {"energy": energy, "scale": c2}
         del G, T, T_full, Rm, U, S, Vh
     return report

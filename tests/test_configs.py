@@ -106,8 +106,17 @@ def test_unknown_yaml_key_is_an_error(name, tmp_path):
 def test_unknown_or_abbreviated_cli_flag_is_an_error(flag):
     """argparse would take `--learning_rat 0.5` for --learning_rate and `--hira_tar` for --hira_target_modules."""
     recipe = load_script("recipes", "commonsense")
-    with pytest.raises(ValueError, match=flag.lstrip("-")):
+    with pytest.raises(ValueError, match=flag.lstrip("-")) as err:
         recipe.main([*CPU, flag, "0.5"])
+    if flag == "--learning_rat":  # the closest real flag is named, before any dataclass validates anything
+        assert "did you mean --learning_rate?" in str(err.value)
+
+
+def test_a_typo_is_reported_before_settings_that_need_it_fixed():
+    """On a CPU without --use_cpu the YAML's bf16 would be refused first; the typo must be what the user reads."""
+    recipe = load_script("recipes", "commonsense")
+    with pytest.raises(ValueError, match="unknown flag --learning_rat"):
+        recipe.main(["--learning_rat", "0.5"])
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,11 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_matches_one_process(tmp_path):
+@pytest.mark.parametrize("variant", [None, "sb"], ids=["hira", "hira-sb"])
+def test_zero3_two_processes_matches_one_process(variant, tmp_path):
+    """The recipe under ZeRO-3 on 2 processes logs the losses of 1 process. With HiRA-SB the gradient-matched
+    initialisation runs on the partitioned model before step 0, outside DeepSpeed's own passes: the tuner gathers W0
+    and writes the factors itself, which run_summary.json shows."""
     pytest.importorskip("deepspeed")
     data = write_json(tmp_path / "train.json", COMMONSENSE_ROWS * 4)
     # The repo's zero3.yaml, with a DeepSpeed JSON that partitions even the tiny weights (persistence threshold 0).
@@ -286,6 +290,8 @@ def test_zero3_two_processes_matches_one_process(tmp_path):
     acc_path.write_text(yaml.safe_dump(acc))
     # SGD keeps the update linear in the gradient, so a wrong reduction shows up in the losses (Adam would hide it).
     common = dict(method=ZERO3_METHOD, max_steps=3, optim="sgd", learning_rate=2.0, lora_alpha=8)
+    if variant:
+        common["hira_variant"] = variant
     argv = tiny_args(data, tmp_path / "z3", per_device_train_batch_size=2, ddp_backend="gloo", **common)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(
@@ -296,6 +302,9 @@ def test_zero3_two_processes_matches_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     z3 = json.load(open(tmp_path / "z3" / "run_summary.json"))
     assert z3["world_size"] == 2 and z3["steps"] == 3
+    if variant == "sb":
+        gathered = z3["zero3_gathered_by_hira"]
+        assert gathered.get("read", 0) > 0 and gathered.get("write", 0) > 0, gathered
     run("commonsense", tiny_args(data, tmp_path / "one", per_device_train_batch_size=4, **common))
     one = json.load(open(tmp_path / "one" / "run_summary.json"))
     z3_losses = [h["loss"] for h in z3["log_history"] if "loss" in h]
