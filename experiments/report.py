@@ -660,6 +660,14 @@ def build(args, explicit_grids: bool, plot_dir: str, draw: bool = True) -> str:
         "is a small model trained for minutes on a CPU, **not** the paper's setting, and cannot confirm or refute "
         "the paper's accuracy claims; the `paper` scale is the paper's setting for GPU users.",
         "",
+        "Why the grids are built this way: two public findings say the paper's ranking depends on the protocol. "
+        "On the HiRA authors' tracker (hqsiswiliam/hira#7) the commonsense gain over LoRA shrinks once LoRA gets "
+        "the same response-only loss masking as HiRA; \"Learning Rate Matters\" (arXiv 2602.04998) finds LoRA "
+        "variants within 1-2 points of each other once each has its own tuned learning rate. So every method here "
+        "trains through the same recipe with the same data, prompts, response-only masking, steps and seeds, at a "
+        "printed parameter budget, each at the learning rate its own sweep picked on a validation split (never a "
+        "test set).",
+        "",
         "How to read the comparisons: " + NOISE_RULE,
         "",
     ]
