@@ -335,6 +335,14 @@ def analysis_claims(sec: Section) -> list[str]:
         parts = [f"{ck} {statistics.fmean(x['num_rank'] for x in rs):.0f} (r={rs[0]['r']}, "
                  f"min(d, n) {statistics.fmean(min(x['shape']) for x in rs):.0f})" for ck, rs in sorted(by.items())]
         out.append("Mean numerical rank of the trained ΔW (rank analysis): " + "; ".join(parts) + ".")
+        mean_rank = {ck: statistics.fmean(x["num_rank"] for x in rs) for ck, rs in by.items()}
+        r = {ck: rs[0]["r"] for ck, rs in by.items()}
+        hira, lora = sec.grid.label(sec.grid.reference), sec.grid.label("lora")
+        if hira in mean_rank and lora in mean_rank:
+            holds = mean_rank[hira] > r[hira] and mean_rank[lora] <= r[lora]
+            out.append("The paper's rank claim (HiRA's update has a rank above r at LoRA's parameter budget; "
+                       f"LoRA's is at most r): {'reproduced' if holds else '**not reproduced**'} at this scale "
+                       f"({hira} {mean_rank[hira]:.0f}, {lora} {mean_rank[lora]:.0f}, r={r[hira]}).")
     return out
 
 

@@ -331,6 +331,7 @@ def test_smoke_grid_run_kill_resume_report(tmp_path):
     assert text.startswith("Regenerate: `python experiments/report.py experiments/smoke.yaml")
     assert "| HiRA | 1e-2 | 2.0k |" in text and "| LoRA | 1e-2 | 2.0k |" in text
     assert "LoRA vs HiRA" in text and "one seed: noise unknown" in text and "**Rank analysis**" in text
+    assert "The paper's rank claim" in text and "reproduced at this scale (HiRA " in text
     check = subprocess.run([sys.executable, *rep, "--check"], env=ENV, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     md.write_text(text.replace("| HiRA | 1e-2", "| HiRA | 2e-2"))  # a typed-in number is caught
