@@ -232,9 +232,10 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
 
     same, bad = shared_settings(sec)
     lines += summary_md(sec)
-    lines += ["**Same for every method** (read from the raw results of the "
-              f"{len(sec.final) or len(sec.sweep)} {'final' if sec.final else 'sweep'} cells): "
-              + ", ".join(same) + "."]
+    if sec.final or sec.sweep:
+        lines += ["**Same for every method** (read from the raw results of the "
+                  f"{len(sec.final) or len(sec.sweep)} {'final' if sec.final else 'sweep'} cells): "
+                  + ", ".join(same) + "."]
     if bad:
         lines += ["", "**NOT IDENTICAL across cells (the comparison is not fair):** " + "; ".join(bad)]
     budgets = {}
@@ -247,11 +248,14 @@ def section_md(sec: Section, plots: dict[str, str], out_dir: str) -> list[str]:
         flags = {k: v for k, v in ev[0]["config"]["eval_flags"].items() if k != "ckpt"}
         lines += ["", f"**Evaluation** (`eval/{g.evaluator}.py`, the same for every evaluated cell): " +
                   ", ".join(f"`{k}={v}`" for k, v in sorted(flags.items())) + "."]
-    lines += ["", "**Parameter budget** (rank r; checked on the meta device before training and in every run): " +
-              "; ".join(f"{sec.label(k)} {fmt_params(next(iter(v))[0])} "
-                        f"({next(iter(v))[1]})" for k, v in sorted(budgets.items(), key=lambda kv: sec.order(kv[0])))
-              + (". Every run trained exactly its budget." if not broken else
-                 f". **Budget mismatch in {sorted(broken)}.**"), ""]
+    if budgets:
+        lines += ["", "**Parameter budget** (rank r; checked on the meta device before training and in every run): " +
+                  "; ".join(f"{sec.label(k)} {fmt_params(next(iter(v))[0])} ({next(iter(v))[1]})"
+                            for k, v in sorted(budgets.items(), key=lambda kv: sec.order(kv[0])))
+                  + (". Every run trained exactly its budget." if not broken else
+                     f". **Budget mismatch in {sorted(broken)}.**"), ""]
+    else:
+        lines += [""]
 
     lines += sweep_md(sec)
     if sec.rows:
@@ -274,7 +278,7 @@ def summary_md(sec: Section) -> list[str]:
     budgets = {}
     for r in sec.final + sec.sweep:
         budgets.setdefault(r["budget"]["trainable_params"], set()).add(g.label(r["method"]))
-    if len(sec.scale.ranks) == 1 and len(sec.scale.targets) == 1:
+    if budgets and len(sec.scale.ranks) == 1 and len(sec.scale.targets) == 1:
         out.append("Trainable parameters: " + "; ".join(
             f"{', '.join(sorted(ms))}: {n:,}" for n, ms in sorted(budgets.items(), key=lambda kv: -len(kv[1]))) + ".")
     if not sec.rows:
