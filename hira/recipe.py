@@ -193,16 +193,17 @@ def parse_args(script_path: str, argv: list[str] | None = None):
         raise FileNotFoundError(f"--config {path!r}: no such YAML file. Pass the path of a recipe YAML.")
     with open(argv[i + 1]) as f:
         config = yaml.safe_load(f) or {}
-    given = set(config) if isinstance(config, dict) else set()
-    given |= {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    yaml_keys = set(config) if isinstance(config, dict) else set()
+    cli_keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    given = yaml_keys | cli_keys
     refused = [k for k in REFUSED_TRL_FLAGS if k in given]
     if refused:
         raise ValueError(
             "; ".join(f"{k} is TRL's LoRA option, which this recipe does not read: use {REFUSED_TRL_FLAGS[k]}"
                       for k in refused)
         )
-    _check_known_keys(set(config) if isinstance(config, dict) else set(),
-                      {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")} - {"config"}, argv[i + 1])
+    # `env:` is TRL's own YAML block (environment variables it sets and removes before building the dataclasses)
+    _check_known_keys(yaml_keys - {"env"}, cli_keys - {"config"}, argv[i + 1])
     script_args, training_args, model_args, hira_args = make_parser().parse_args_and_config(argv)
     if "lora_alpha" not in given:
         model_args.lora_alpha = 2 * hira_args.hira_r

@@ -102,6 +102,18 @@ def test_unknown_yaml_key_is_an_error(name, tmp_path):
         parse_args(os.path.join(ROOT, "recipes", f"{name}.py"), ["--config", str(bad), *CPU])
 
 
+def test_trl_env_block_in_the_yaml_is_accepted(tmp_path, monkeypatch):
+    """TRL's own `env:` block (docs/recipes.md: WANDB_PROJECT) is not a dataclass field: it is set, not refused."""
+    monkeypatch.delenv("HIRA_TEST_ENV_BLOCK", raising=False)
+    with open(os.path.join(ROOT, "recipes", "commonsense.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["env"] = {"HIRA_TEST_ENV_BLOCK": "set-by-trl"}
+    path = tmp_path / "with_env.yaml"
+    path.write_text(yaml.safe_dump(config))
+    parse_args(os.path.join(ROOT, "recipes", "commonsense.py"), ["--config", str(path), *CPU])
+    assert os.environ["HIRA_TEST_ENV_BLOCK"] == "set-by-trl"
+
+
 @pytest.mark.parametrize("flag", ["--lora_rank", "--learning_rat", "--hira_tar"])
 def test_unknown_or_abbreviated_cli_flag_is_an_error(flag):
     """argparse would take `--learning_rat 0.5` for --learning_rate and `--hira_tar` for --hira_target_modules."""
