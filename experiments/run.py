@@ -409,13 +409,11 @@ def _train_speed(summary: dict) -> dict:
 
 
 def _eval_summary(out_dir: str) -> dict:
-    with open(os.path.join(out_dir, "metrics.json")) as f:
+    from hira.inference import METRICS_FILE, read_predictions  # skips a line a crash cut short (resumed evaluation)
+
+    with open(os.path.join(out_dir, METRICS_FILE)) as f:
         metrics = json.load(f)
-    preds = []
-    with open(os.path.join(out_dir, "predictions.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                preds.append(json.loads(line))
+    preds = list(read_predictions(out_dir).values())
     labels: dict = {}
     for p in preds:
         if "task" in p and "extracted" in p:

@@ -423,3 +423,16 @@ def test_held_out_loss_is_the_kept_models():
     last = run._held_out(summary, load_best=False)
     assert (last["final_eval_loss"], last["final_eval_step"], last["kept"]) == (0.45, 240, "last")
     assert last["eval_loss_curve"] == [[80, 0.5], [160, 0.4], [240, 0.45]]
+
+
+def test_eval_summary_reads_a_resumed_evaluation(tmp_path):
+    """An evaluation killed mid-write and resumed leaves a cut-off line in predictions.jsonl (the evaluator skips it
+    and generates that item again): the cell's summary must read the file the same way, not crash on it."""
+    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"accuracy": 50.0, "n": 2}}))
+    rec = [{"id": "b", "task": "boolq", "gold": "true", "extracted": "false"},
+           {"id": "a", "task": "boolq", "gold": "true", "extracted": "true"}]
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(rec[0]) + "\n" + json.dumps(rec[1])[:20] + "\n"
+                                                + json.dumps(rec[1]) + "\n")
+    out = run._eval_summary(str(tmp_path))
+    assert [p["id"] for p in out["predictions"]] == ["a", "b"]
+    assert out["label_counts"] == {"boolq": {"gold": {"true": 2}, "predicted": {"false": 1, "true": 1}}}
