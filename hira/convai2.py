@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 
-from hira.sources import load_hf_dataset, looks_local, missing_path_error
+from hira.sources import load_hf_dataset, load_raw_dataset, looks_local, missing_path_error
 
 
 SILENCE = "__SILENCE__"  # ParlAI's placeholder for the partner's turn when R speaks first
@@ -178,6 +178,8 @@ def load_turns(source: str, split: str = "train", config: str | None = None) -> 
                 candidate = os.path.join(source, name + suffix)
                 if os.path.isfile(candidate):
                     return load_turns(candidate, split)
+    if "://" in source:  # a remote .json/.jsonl/.csv/.parquet file (URL or hf://datasets/<id>/<file>)
+        return records_to_turns(load_raw_dataset(source, config, split), source)
     if not os.path.exists(source) and (looks_local(source) or source.endswith(".txt")):
         raise missing_path_error("ConvAI2 data", source, "a ParlAI .txt, a JSON file, a folder or a Hub dataset id")
     return records_to_turns(load_hf_dataset("ConvAI2 data", source, source, name=config, split=split), source)

@@ -11,7 +11,7 @@ Everything the recipes have in common lives here:
   :class:`HiraArguments` with the YAML beside the script as default, strict (no abbreviations, TRL's own LoRA flags
   refused with the right one, ``lora_alpha`` = 2r unless set);
 * :func:`build_peft_config`: the PEFT config for the method, at HiRA's parameter budget where the paper matches it;
-* :func:`load_raw_dataset` / :func:`format_dataset` / :func:`split_validation` / :func:`enforce_max_length`: data from a
+* :func:`hira.sources.load_raw_dataset` / :func:`format_dataset` / :func:`split_validation` / :func:`enforce_max_length`: data from a
   Hub id, a URL or a local file/folder (:mod:`hira.sources`), a clear error for missing columns, the seeded
   120-example validation split of the HiRA authors, and an explicit, counted decision for examples that would not fit
   ``max_length``;
@@ -37,8 +37,7 @@ from transformers import TrainerCallback
 
 from hira import _zero3
 
-from hira.sources import DATA_BUILDERS, check_json_records, load_hf_dataset, load_model_config, looks_local
-from hira.sources import missing_path_error
+from hira.sources import load_model_config, load_raw_dataset
 
 
 logger = logging.getLogger("hira.recipe")
@@ -420,36 +419,6 @@ def check_adapted_modules(model, targets: list[str] | str, model_name: str) -> N
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
-
-def load_raw_dataset(name_or_path: str, config: str | None = None, split: str = "train"):
-    """One split from a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``), a local folder (``<split>.<ext>``
-    inside it, or any folder ``datasets`` reads), a remote file (``https://...``, ``hf://datasets/<id>/<file>``) or a
-    Hub dataset id; a source that cannot be read is one clear error naming it (:mod:`hira.sources`)."""
-    flag = "dataset_name"
-    if not name_or_path:
-        raise ValueError("No dataset given: set `dataset_name` to a Hub id, a URL or a local file/folder")
-    ext = os.path.splitext(name_or_path)[1].lower()
-    if "://" in name_or_path:  # a remote file: URL or hf://datasets/<id>/<file>
-        if ext not in DATA_BUILDERS:
-            raise ValueError(f"{flag} {name_or_path}: cannot tell its format; a remote file must end in one of "
-                             f"{sorted(DATA_BUILDERS)}")
-        return load_hf_dataset(flag, name_or_path, DATA_BUILDERS[ext], data_files=name_or_path, split="train")
-    if os.path.isfile(name_or_path):
-        if ext not in DATA_BUILDERS:
-            raise ValueError(f"Cannot read {name_or_path}: expected one of {sorted(DATA_BUILDERS)}")
-        if DATA_BUILDERS[ext] == "json":
-            check_json_records(name_or_path)
-        return load_hf_dataset(flag, name_or_path, DATA_BUILDERS[ext], data_files=name_or_path, split="train")
-    if os.path.isdir(name_or_path):
-        for ext in (".json", ".jsonl", ".parquet", ".csv"):
-            candidate = os.path.join(name_or_path, split + ext)
-            if os.path.isfile(candidate):
-                return load_raw_dataset(candidate)
-    elif looks_local(name_or_path):
-        raise missing_path_error(flag, name_or_path, "an existing file (.json, .jsonl, .csv, .parquet) or folder, a "
-                                 "URL, or a Hub dataset id")
-    return load_hf_dataset(flag, name_or_path, name_or_path, name=config, split=split)
-
 
 def format_dataset(dataset, to_prompt_completion: Callable[[dict], dict], num_proc: int | None = None):
     """Map raw records to ``{"prompt", "completion"}``; a missing column is a clear error naming what the data has."""

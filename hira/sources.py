@@ -4,7 +4,8 @@ A name that can only be a local path (absolute, ``./``, ``~``, more than one ``/
 not exist is reported as a missing path at once, never sent to the Hub. A Hub id or URL that fails to load is one line
 naming the source and the first line of the underlying error, with no chained traceback. Local JSON files are checked
 for the two mistakes ``datasets`` lets through or reports without a position: a single JSON object (read as one row)
-and malformed JSON.
+and malformed JSON. :func:`load_raw_dataset` is the one resolver of a training source (the recipes', and ConvAI2's
+for remote files).
 """
 
 from __future__ import annotations
@@ -104,3 +105,33 @@ def load_model_config(flag: str, name: str, trust_remote_code: bool = False):
         return path, AutoConfig.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"{flag} {name} {_why(path, 'model')}: {one_line(err)}") from None
+
+
+def load_raw_dataset(name_or_path: str, config: str | None = None, split: str = "train"):
+    """One split from a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``), a local folder (``<split>.<ext>``
+    inside it, or any folder ``datasets`` reads), a remote file (``https://...``, ``hf://datasets/<id>/<file>``) or a
+    Hub dataset id; a source that cannot be read is one clear error naming it."""
+    flag = "dataset_name"
+    if not name_or_path:
+        raise ValueError("No dataset given: set `dataset_name` to a Hub id, a URL or a local file/folder")
+    ext = os.path.splitext(name_or_path)[1].lower()
+    if "://" in name_or_path:  # a remote file: URL or hf://datasets/<id>/<file>
+        if ext not in DATA_BUILDERS:
+            raise ValueError(f"{flag} {name_or_path}: cannot tell its format; a remote file must end in one of "
+                             f"{sorted(DATA_BUILDERS)}")
+        return load_hf_dataset(flag, name_or_path, DATA_BUILDERS[ext], data_files=name_or_path, split="train")
+    if os.path.isfile(name_or_path):
+        if ext not in DATA_BUILDERS:
+            raise ValueError(f"Cannot read {name_or_path}: expected one of {sorted(DATA_BUILDERS)}")
+        if DATA_BUILDERS[ext] == "json":
+            check_json_records(name_or_path)
+        return load_hf_dataset(flag, name_or_path, DATA_BUILDERS[ext], data_files=name_or_path, split="train")
+    if os.path.isdir(name_or_path):
+        for ext in (".json", ".jsonl", ".parquet", ".csv"):
+            candidate = os.path.join(name_or_path, split + ext)
+            if os.path.isfile(candidate):
+                return load_raw_dataset(candidate)
+    elif looks_local(name_or_path):
+        raise missing_path_error(flag, name_or_path, "an existing file (.json, .jsonl, .csv, .parquet) or folder, a "
+                                 "URL, or a Hub dataset id")
+    return load_hf_dataset(flag, name_or_path, name_or_path, name=config, split=split)

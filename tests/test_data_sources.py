@@ -63,6 +63,25 @@ def test_commonsense_default_url_is_fetched_for_real(http_server, tmp_path):
     assert summary["dataset"] == f"{base}/commonsense_170k.json"
 
 
+def test_convai2_url_source_is_fetched_for_real(http_server, tmp_path, monkeypatch):
+    """`dataset_name` may be a URL for every recipe (docs/recipes.md), ConvAI2 included: a persona-chat JSON list
+    served from 127.0.0.1 gives the same turns as the same file on disk, in the recipe and the evaluator."""
+    import datasets
+
+    from hira.convai2 import load_turns
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # what HF_DATASETS_OFFLINE=0 sets at import
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    base, root, log = http_server
+    write_json(root / "personachat.json", CONVAI2_ROWS)
+    write_json(tmp_path / "personachat.json", CONVAI2_ROWS)
+    turns = load_turns(f"{base}/personachat.json")
+    assert any("GET /personachat.json" in line for line in log)
+    assert turns == load_turns(str(tmp_path / "personachat.json")) and len(turns) == 2 * len(CONVAI2_ROWS)
+    assert load_script("eval", "convai2").load_convai2(f"{base}/personachat.json", "train") == \
+        load_script("eval", "convai2").load_convai2(str(tmp_path / "personachat.json"), "train")
+
+
 def test_unreachable_url_is_one_clear_line(http_server, tmp_path, monkeypatch):
     import datasets
     import trl
