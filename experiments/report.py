@@ -15,7 +15,9 @@ it; the output depends only on the result files, so rerunning it gives the same 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
+import json
 import math
 import os
 import statistics
@@ -160,9 +162,20 @@ class Section:
         cand = (ref, rank, targets) if method != ref else (ref, self.scale.ranks[0], next(iter(self.scale.targets)))
         return cand if cand != key and cand in self.rows else None
 
+    @functools.cached_property
+    def analyses(self) -> list[tuple[str, dict]]:
+        """``(path, content)`` of every committed rank analysis of this grid and scale."""
+        pattern = os.path.join(self.results_root, self.grid.name, f"{self.scale.name}-analysis-*", "analysis.json")
+        out = []
+        for path in sorted(glob.glob(pattern)):
+            with open(path) as f:
+                out.append((path, json.load(f)))
+        return out
+
     def values(self, key: tuple, fn) -> list[float]:
         return [v for v in (fn(r) for r in self.rows[key]) if v is not None]
 
+    @functools.cached_property
     def comparisons(self) -> list[tuple]:
         """``(row, reference row, held-out loss verdict, accuracy verdict)`` for every row with a reference."""
         items = n_items(self.rows[self.keys[0]][0])
@@ -177,6 +190,7 @@ class Section:
             out.append((key, ref, loss, acc))
         return out
 
+    @functools.cached_property
     def majority(self) -> tuple[float, float] | None:
         """Mean majority-class accuracy of the test items and its binomial standard error."""
         maj = majority_baseline(self.rows[self.keys[0]][0])
@@ -285,7 +299,7 @@ def summary_md(sec: Section) -> list[str]:
         out.append(f"No final cell has finished yet ({len(sec.sweep)} sweep cells have); the comparisons appear when "
                    "they do.")
         return ["**In short** (generated from the results below):", ""] + [f"- {b}" for b in out] + [""]
-    comps = sec.comparisons()
+    comps = sec.comparisons
     ref = g.label(g.reference)
     for what, idx, unit in (("held-out loss", 2, "lower"), ("test accuracy", 3, "higher")):
         better = [sec.label(c[0]) for c in comps if c[idx]["verdict"] == "better"]
@@ -299,8 +313,8 @@ def summary_md(sec: Section) -> list[str]:
             bits.append(f"{'higher' if unit == 'lower' else 'lower'} (worse) beyond noise for {', '.join(worse)}")
         bits.append(f"{rest} of {len(comps)} comparisons within noise" if rest else "none within noise")
         out.append(text + "; ".join(bits) + ".")
-    if sec.majority():
-        maj, se = sec.majority()
+    if sec.majority:
+        maj, se = sec.majority
         above = [sec.label(k) for k in sec.keys if statistics.fmean(sec.values(k, average_score)) > maj + 2 * se]
         out.append(f"Majority-class baseline {maj:.2f} %: " + (
             f"{len(above)} of {len(sec.keys)} rows above it by more than 2 SE ({', '.join(above)})." if above else
@@ -326,13 +340,9 @@ def summary_md(sec: Section) -> list[str]:
 def analysis_claims(sec: Section) -> list[str]:
     """The rank of ΔW per method from the committed rank analysis (the paper's Fig. 4 claim: HiRA's update has a
     high rank at LoRA's budget, LoRA's has rank r)."""
-    import json
-
     out = []
-    pattern = os.path.join(sec.results_root, sec.grid.name, f"{sec.scale.name}-analysis-*", "analysis.json")
-    for path in sorted(glob.glob(pattern)):
-        with open(path) as f:
-            rows = [r for r in json.load(f)["rows"] if r["kind"] == "delta"]
+    for _, data in sec.analyses:
+        rows = [r for r in data["rows"] if r["kind"] == "delta"]
         by: dict = {}
         for r in rows:
             by.setdefault(r["ckpt"], []).append(r)
@@ -469,12 +479,12 @@ def verdicts_md(sec: Section) -> list[str]:
     lines = ["**Cell by cell**: each row against " + sec.grid.label(sec.grid.reference) +
              " (the noise rule is at the top of this file; a verdict in bold is a difference beyond noise).", ""]
     rows = [[f"{sec.label(key)} vs {sec.label(ref)}", f"{loss['delta']:+.4f}", _verdict(loss, 4),
-             f"{acc['delta']:+.2f}", _verdict(acc, 2)] for key, ref, loss, acc in sec.comparisons()]
+             f"{acc['delta']:+.2f}", _verdict(acc, 2)] for key, ref, loss, acc in sec.comparisons]
     if rows:
         lines += table(["comparison", "Δ held-out loss", "verdict (loss)", "Δ accuracy", "verdict (accuracy)"], rows)
         lines += [""]
-    if sec.majority():
-        maj, se = sec.majority()
+    if sec.majority:
+        maj, se = sec.majority
         above = [sec.label(k) for k in sec.keys if statistics.fmean(sec.values(k, average_score)) > maj + 2 * se]
         lines += [f"Against the majority-class baseline ({maj:.2f} %, test-sample SE {se:.2f}): "
                   + (f"above it by more than 2 SE: {', '.join(above)}." if above else
@@ -497,16 +507,11 @@ def paper_md(sec: Section) -> list[str]:
         return []
     lines = [f"**Against the paper** ({paper.get('source', '')}; {paper.get('metric', 'average accuracy')}):", ""]
     rows = []
-    for key in sec.keys:
+    for key, rk, loss, acc in sec.comparisons:  # every cell is evaluated on the same items (one fingerprint)
         method = key[0]
         if method not in avg or method == ref:
             continue
-        rk = sec.reference_key(key)
-        if rk is None:
-            continue
         paper_delta = avg[method] - avg[ref]
-        acc = compare(sec.values(key, average_score), sec.values(rk, average_score), False, n_items(sec.rows[key][0]))
-        loss = compare(sec.values(key, held_out), sec.values(rk, held_out), True)
         paper_says = "worse" if paper_delta < 0 else "better"
         rows.append([f"{sec.label(key)} vs {sec.label(rk)}",
                      f"{avg[method]:.2f} vs {avg[ref]:.2f} ({paper_delta:+.2f})",
@@ -524,13 +529,8 @@ def _outcome(c: dict, paper_says: str) -> str:
 
 
 def analysis_md(sec: Section, out_dir: str) -> list[str]:
-    import json
-
     lines = []
-    pattern = os.path.join(sec.results_root, sec.grid.name, f"{sec.scale.name}-analysis-*", "analysis.json")
-    for path in sorted(glob.glob(pattern)):
-        with open(path) as f:
-            data = json.load(f)
+    for path, data in sec.analyses:
         groups: dict = {}
         for row in data["rows"]:
             groups.setdefault((row["ckpt"], row["kind"]), []).append(row)
