@@ -212,7 +212,6 @@ class Grid:
     paper: dict
     scales: dict[str, Scale]
     analysis: dict | None
-    raw: dict = field(repr=False, default_factory=dict)
 
     def scale(self, name: str) -> Scale:
         if name not in self.scales:
@@ -263,7 +262,7 @@ def load_grid(path: str) -> Grid:
     return Grid(name=name, path=path, title=str(raw.get("title", name)),
                 description=str(raw.get("description", "")).strip(), recipe=recipe,
                 evaluator=evaluator, reference=reference, methods=methods, method_specs=specs,
-                paper=raw.get("paper") or {}, scales=scales, analysis=analysis, raw=raw)
+                paper=raw.get("paper") or {}, scales=scales, analysis=analysis)
 
 
 def _load_scale(path, name, s, grid_methods, specs, evaluator) -> Scale:

@@ -745,18 +745,17 @@ def run_analysis(ctx: Context, chosen: dict) -> None:
 
     for rank in ctx.scale.ranks:
         for targets in ctx.scale.targets:
-
             suffix = f"r{rank}" + ("" if targets == "default" else f"-{targets}")
             out = os.path.join(G.results_dir(ctx.args.results_dir, ctx.grid.name),
                                f"{ctx.scale.name}-analysis-{suffix}")
+            if os.path.isfile(os.path.join(out, "analysis.json")):
+                say(f"rank analysis {suffix}: finished earlier, skipped")
+                continue
             cmd = [sys.executable, "-m", "hira.analysis", "--no_progress"]  # SVDs on the GPU when there is one
             for m in ctx.grid.analysis.get("methods", []):
                 cmd += ["--ckpt", cell_dir(m, rank, targets), "--label", ctx.grid.label(m)]
             if ctx.grid.analysis.get("full_ft"):
                 cmd += ["--full_ft", cell_dir(ctx.grid.analysis["full_ft"], rank, targets)]
-            if os.path.isfile(os.path.join(out, "analysis.json")):
-                say(f"rank analysis {suffix}: finished earlier, skipped")
-                continue
             say(f"rank analysis {suffix}: python -m hira.analysis on seed {seed} -> {out}")
             tmp = out + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
