@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -48,13 +47,7 @@ def read_records(path: str) -> list[dict]:
     """The records of a JSON list or JSON lines file (one clear error for anything else)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data_file {path}: no such file. Pass a JSON list or JSON lines of records.")
-    check_json_records(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = check_json_records(path)
     if not records or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path} must hold a non-empty list of JSON records.")
     return records

@@ -29,10 +29,11 @@ def looks_local(name: str) -> bool:
             or os.path.splitext(name)[1].lower() in DATA_BUILDERS)
 
 
-def check_json_records(path: str) -> None:
+def check_json_records(path: str) -> list:
     """A local JSON file must hold a list of records or JSON lines: ``datasets`` reads a single JSON object as one
     row (a wrapped ``{"data": [...]}`` or a columnar object would train on one example) and reports malformed JSON
-    without saying where. Both are one clear error here, naming the line."""
+    without saying where. Both are one clear error here, naming the line. Returns what the file holds (the list, or
+    the records of its lines)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     stripped = text.lstrip()
@@ -40,10 +41,9 @@ def check_json_records(path: str) -> None:
         raise ValueError(f"{path} is empty: expected a JSON list of records or JSON lines.")
     if stripped[0] == "[":
         try:
-            json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}. Fix the file (a JSON list of records).") from None
-        return
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     try:
         obj, end = json.JSONDecoder().raw_decode(stripped)
@@ -54,6 +54,7 @@ def check_json_records(path: str) -> None:
             f"{path} holds one JSON object (keys {sorted(obj)[:6]}), not a list of records, so it would train on a "
             "single example. Write the records as a JSON list [...] or as JSON lines (one record per line)."
         )
+    records = []
     for n, line in lines:
         try:
             rec = json.loads(line)
@@ -63,6 +64,8 @@ def check_json_records(path: str) -> None:
             ) from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}, line {n} is a JSON {type(rec).__name__}, not a record: expected JSON lines.")
+        records.append(rec)
+    return records
 
 
 def missing_path_error(flag: str, name: str, accepts: str) -> FileNotFoundError:
