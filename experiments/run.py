@@ -68,18 +68,6 @@ def _abs(path: str) -> str:
     return os.path.normpath(os.path.join(ROOT, os.path.expanduser(path)))
 
 
-def _read_records(path: str) -> list[dict]:
-    with open(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-        if isinstance(data, list):
-            return data
-    except json.JSONDecodeError:
-        pass
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 _CALC = re.compile(r"<<[^>]*>>")
 
 
@@ -95,6 +83,8 @@ def gsm8k_to_metamath(rec: dict) -> dict:
 def prepare_data(scale: G.Scale, data_dir: str, write: bool = True) -> tuple[str, str]:
     """``(flag value recorded in the cell config, path passed to the recipe)``. Files listed in ``data.train_files``
     are concatenated (and transformed) once into ``data_dir``; the config records their content hash, not a path."""
+    from hira.sources import check_json_records
+
     if scale.data is None:
         name = scale.train["dataset_name"]
         if _looks_local(name) and not os.path.exists(_abs(name)):
@@ -105,7 +95,10 @@ def prepare_data(scale: G.Scale, data_dir: str, write: bool = True) -> tuple[str
         if not os.path.isfile(_abs(f)):
             hint = " (../shared/data is the project's data folder; see its README)" if "shared/data" in f else ""
             raise G.GridError(f"training file {f} does not exist{hint}")
-        rows.extend(_read_records(_abs(f)))
+        try:
+            rows.extend(check_json_records(_abs(f)))  # a JSON list or JSON lines; anything else is one clear line
+        except ValueError as err:
+            raise G.GridError(str(err)) from None
     if scale.data.get("transform") == "gsm8k_to_metamath":
         rows = [gsm8k_to_metamath(r) for r in rows]
     blob = json.dumps(rows, ensure_ascii=False).encode()
