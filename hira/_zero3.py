@@ -74,18 +74,21 @@ def gather(params: Iterable, modify: bool = False, site: str = "read"):
     return deepspeed.zero.GatheredParameters(missing, modifier_rank=0 if modify else None)
 
 
-def write(param, value) -> None:
-    """Set a (possibly partitioned) parameter to ``value`` (its full shape) on every rank. Under ZeRO-3 the gathered
-    tensor is written with rank 0 as the modifier, and a trainable parameter's fp32 master partition in the ZeRO-3
-    optimizer (if one exists yet) too, so the next optimizer step starts from the written value."""
+def write(params: list, values: list) -> None:
+    """Set (possibly partitioned) parameters to ``values`` (their full shapes) on every rank, in one gather. Under
+    ZeRO-3 the gathered tensors are written with rank 0 as the modifier, and a trainable parameter's fp32 master
+    partition in the ZeRO-3 optimizer (if one exists yet) too, so the next optimizer step starts from the written
+    value."""
     import torch
 
-    with gather([param], modify=True, site="write"), torch.no_grad():
-        param.data.copy_(value.to(device=param.device, dtype=param.dtype))
-    if is_partitioned_param(param) and param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
-        from deepspeed.utils import safe_set_full_fp32_param
+    with gather(params, modify=True, site="write"), torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.data.copy_(v.to(device=p.device, dtype=p.dtype))
+    for p, v in zip(params, values, strict=True):
+        if is_partitioned_param(p) and p.requires_grad and getattr(p, "_z3_optimizer", None) is not None:
+            from deepspeed.utils import safe_set_full_fp32_param
 
-        safe_set_full_fp32_param(param, value.to(torch.float32))
+            safe_set_full_fp32_param(p, v.to(torch.float32))
 
 
 def release(params: Iterable) -> None:

@@ -223,8 +223,7 @@ def sb_init(
             S0 = torch.zeros(r, r, device=G.device)
         energy = (S[:r].pow(2).sum() / S.pow(2).sum().clamp_min(1e-30)).item()
         params = [layer.hira_A[adapter_name], layer.hira_B[adapter_name], layer.hira_R[adapter_name]]
-        for p, v in zip(params, (An, Bn, S0)):
-            _zero3.write(p, v)
+        _zero3.write(params, [An, Bn, S0])
         report[name] = {"energy": energy, "scale": c2}
         del G, T, T_full, Rm, U, S, Vh
     return report
