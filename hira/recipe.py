@@ -264,15 +264,13 @@ def check_report_to(report_to: list[str] | str | None) -> None:
     """A logging integration that is not installed fails in the Trainer, after the model has loaded: check first."""
     import importlib.util
 
-    packages = {"wandb": "wandb", "trackio": "trackio", "tensorboard": "tensorboard", "mlflow": "mlflow",
-                "comet_ml": "comet_ml", "clearml": "clearml", "swanlab": "swanlab"}
+    packages = {"wandb", "trackio", "tensorboard", "mlflow", "comet_ml", "clearml", "swanlab"}  # = report_to names
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     for name in names:
-        pkg = packages.get(name)
-        if pkg is not None and importlib.util.find_spec(pkg) is None:
+        if name in packages and importlib.util.find_spec(name) is None:
             extra = f" (or `pip install -e \".[{name}]\"`)" if name in ("wandb", "trackio") else ""
             raise ModuleNotFoundError(
-                f"report_to={name} needs the {pkg} package, which is not installed: `pip install {pkg}`{extra}, or "
+                f"report_to={name} needs the {name} package, which is not installed: `pip install {name}`{extra}, or "
                 "pass --report_to none."
             )
 
