@@ -271,10 +271,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     decoding = inference.DecodingConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, length_penalty=args.length_penalty,
                                         no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=STOP_STRINGS)
-    run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
-                  "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
-                  "prompt": "hira.prompts.convai2_prompt", "data": data}
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
+    task_config = {"prompt": "hira.prompts.convai2_prompt", "data": data}
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, task_config)
 
     def postprocess(item: dict, text: str) -> dict:
         return {"clean": clean_prediction(text), "refs": item["refs"]}

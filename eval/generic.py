@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                                         batch_size=args.batch_size, stop_strings=tuple(args.stop_strings))
     data = {"data_file": os.path.abspath(args.data_file),
             "recipe": os.path.abspath(args.recipe) if args.recipe else None}
-    run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
-                  "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding), "data": data}
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
+    task_config = {"data": data}
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, task_config)
 
     def postprocess(item: dict, text: str) -> dict:
         return {"clean": text.strip(), "refs": item["refs"]}

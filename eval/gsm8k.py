@@ -185,10 +185,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     out_dir = args.out or inference.default_out_dir("gsm8k", args.ckpt)
     decoding = inference.DecodingConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, stop_strings=STOP_STRINGS)
-    run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
-                  "backend": args.backend, "decoding": inference.decoding_fingerprint(decoding),
-                  "prompt": f"hira.prompts.metamath_prompt(cot_trigger={args.cot_trigger})", "data": source}
-    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, run_config)
+    task_config = {"prompt": f"hira.prompts.metamath_prompt(cot_trigger={args.cot_trigger})", "data": source}
+    loaded, generate_fn = inference.setup_from_args(args, decoding, out_dir, items, task_config)
     extract, is_correct = ANSWER_RULES[args.answer_rule]
 
     def postprocess(item: dict, text: str) -> dict:

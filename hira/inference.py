@@ -619,12 +619,15 @@ def add_common_args(parser, num_beams: int, max_new_tokens: int, batch_size: int
 
 
 def setup_from_args(args, decoding: DecodingConfig, out_dir: str, items: Sequence[dict],
-                    run_config: dict) -> tuple[LoadedModel, Callable | None]:
+                    task_config: dict) -> tuple[LoadedModel, Callable | None]:
     """Everything before generation, cheapest first: the run record in ``--out`` is compared, the checkpoint resolved
     (configs only), the prompts checked against the model's context, then the weights load and the run record is
-    written. Returns the model and the generate function of the chosen backend."""
+    written. The run record is the evaluators' common flags and the decoding, then the evaluator's ``task_config``
+    (its prompt and data). Returns the model and the generate function of the chosen backend."""
     from accelerate import PartialState
 
+    run_config = {"ckpt": args.ckpt, "base_model": args.base_model, "merge": not args.no_merge, "dtype": args.dtype,
+                  "backend": args.backend, "decoding": decoding_fingerprint(decoding), **task_config}
     check_run_config(out_dir, run_config, overwrite=args.overwrite)
     target = resolve_checkpoint(args.ckpt, args.base_model)
     tokenizer = load_tokenizer(target.tokenizer_path)
