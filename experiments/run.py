@@ -197,14 +197,14 @@ def count_budget(parsed, rule: str, rank: int) -> dict:
     """Trainable parameters of the method on the meta device, and what its budget rule expects from the shapes."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from hira.models import resolve_model
-    from hira.recipe import build_peft_config, count_parameters, method_targets
+    from hira.recipe import build_peft_config, count_parameters, matches_target, method_targets
+    from hira.sources import load_model_config
 
     _, training_args, model_args, hira_args = parsed
-    config = AutoConfig.from_pretrained(resolve_model(model_args.model_name_or_path),
-                                        trust_remote_code=training_args.trust_remote_code)
+    _, config = load_model_config("model_name_or_path", model_args.model_name_or_path,
+                                  training_args.trust_remote_code)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=training_args.trust_remote_code)
     _, total = count_parameters(base)
@@ -212,10 +212,11 @@ def count_budget(parsed, rule: str, rank: int) -> dict:
     if isinstance(targets, str):
         raise ValueError(f"budget rules need a list of target modules, got the pattern {targets!r}")
     shapes = [(m.in_features, m.out_features) for n, m in base.named_modules()
-              if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+              if isinstance(m, torch.nn.Linear) and matches_target(n, targets)]
+    lora = sum(rank * (i + o) for i, o in shapes)  # LoRA's count at rank r: the matched budget
     expected = {
-        "matched": sum(rank * (i + o) for i, o in shapes),
-        "matched+magnitude": sum(rank * (i + o) + o for i, o in shapes),
+        "matched": lora,
+        "matched+magnitude": lora + sum(o for _, o in shapes),
         "r_squared": rank * rank * len(shapes),
         "full": total,
         "free": None,
@@ -226,7 +227,7 @@ def count_budget(parsed, rule: str, rank: int) -> dict:
     trainable, _ = count_parameters(model)
     return {"rule": rule, "rule_text": G.BUDGETS[rule], "expected": expected, "meta_trainable": trainable,
             "total_params": total, "adapted_layers": len(shapes) if peft_config is not None else None,
-            "lora_equivalent": expected if rule == "matched" else sum(rank * (i + o) for i, o in shapes)}
+            "lora_equivalent": lora}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -369,10 +369,15 @@ def model_module_names(config, trust_remote_code: bool = False) -> dict[str, str
     return {name: type(mod).__name__ for name, mod in model.named_modules()}
 
 
+def matches_target(name: str, targets: list[str]) -> bool:
+    """PEFT's rule for a list of target modules: the exact name or a ``.<target>`` suffix."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def missing_targets(targets: list[str], module_names) -> list[str]:
-    """Targets no module name matches under PEFT's rule for a list: the exact name or a ``.<target>`` suffix."""
+    """Targets no module name matches under :func:`matches_target`."""
     names = list(module_names)
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    return [t for t in targets if not any(matches_target(n, [t]) for n in names)]
 
 
 def check_target_modules(targets: list[str] | str, modules: dict[str, str], model_name: str) -> None:
