@@ -509,6 +509,13 @@ def _attempts(cell_dir: str, stage: str, add: dict | None = None) -> list[dict]:
     return attempts
 
 
+def _attempts_record(cell_dir: str, stage: str) -> dict:
+    """What a stage's result records of its attempts: all of them, the last command, total time, peak memory."""
+    attempts = _attempts(cell_dir, stage)
+    return {"attempts": attempts, "command": attempts[-1]["command"], "wall_s": sum(a["wall_s"] for a in attempts),
+            "peak_rss_bytes": max(a["peak_rss_bytes"] for a in attempts)}
+
+
 def _train_stage(ctx: Context, cell: G.Cell, cell_dir: str) -> dict:
     out = os.path.join(cell_dir, "train")
     marker = _stage_marker(cell_dir, "train")
@@ -545,11 +552,9 @@ def _train_stage(ctx: Context, cell: G.Cell, cell_dir: str) -> dict:
         _write_json_atomic(marker, {"done": True})
     with open(os.path.join(out, "run_summary.json")) as f:
         summary = json.load(f)
-    attempts = _attempts(cell_dir, "train")
     budget = dict(ctx.budgets[(cell.method, cell.rank, cell.targets)], trainable_params=summary["trainable_params"])
-    return {"train": {"summary": summary, "speed": _train_speed(summary), "attempts": attempts,
-                      "command": attempts[-1]["command"], "wall_s": sum(a["wall_s"] for a in attempts),
-                      "peak_rss_bytes": max(a["peak_rss_bytes"] for a in attempts), "output_dir": out},
+    return {"train": {"summary": summary, "speed": _train_speed(summary), **_attempts_record(cell_dir, "train"),
+                      "output_dir": out},
             "budget": budget, "held_out": _held_out(summary, ctx.load_best),
             "log_history": summary["log_history"]}
 
@@ -570,10 +575,7 @@ def _eval_stage(ctx: Context, cell: G.Cell, cell_dir: str) -> dict:
             raise RunError(f"{cell.name}: evaluation failed (exit {rc}): "
                            f"{last_error_line(os.path.join(cell_dir, 'eval.log'))}")
         _write_json_atomic(marker, {"done": True})
-    attempts = _attempts(cell_dir, "eval")
-    return {"eval": {**_eval_summary(out), "attempts": attempts, "command": attempts[-1]["command"],
-                     "wall_s": sum(a["wall_s"] for a in attempts),
-                     "peak_rss_bytes": max(a["peak_rss_bytes"] for a in attempts)}}
+    return {"eval": {**_eval_summary(out), **_attempts_record(cell_dir, "eval")}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
