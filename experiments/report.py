@@ -438,7 +438,9 @@ def results_md(sec: Section) -> list[str]:
     lines += table(header, rows) + [""]
     mem_kind = "accelerator peak allocated" if "accelerator_peak_allocated" in \
         first["peak_memory_bytes"] else "peak resident memory of the training process"
-    lines += [f"s/step: training time per optimizer step, validation excluded; peak memory: {mem_kind}.", ""]
+    lines += [f"s/step: training time per optimizer step, validation excluded; peak memory: {mem_kind}. Times are "
+              "wall-clock on the machine that ran the grid, which other work may have shared: a speed comparison "
+              "is the job of `bench/` (docs/performance.md), not of this column.", ""]
     if len(tasks) > 1:
         header = ["method"] + tasks + ["average"]
         rows = []
